@@ -1,0 +1,149 @@
+"""What every backbone module provides: load a checkpoint, build the chat string, turn one item into token
+ids and image tensors, collate a left-padded batch, and run the base model to the last hidden state.
+
+A backbone family is one subclass in its own module, registered with :func:`register`; the registry picks
+it from the checkpoint's ``config.model_type`` (see ``backbones/__init__.py``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .. import prompts
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: list[type["Backbone"]] = []
+
+
+def register(cls: type["Backbone"]) -> type["Backbone"]:
+    """Class decorator: make a backbone family known to :func:`e5v.backbones.select`."""
+    _REGISTRY.append(cls)
+    return cls
+
+
+def registered() -> list[type["Backbone"]]:
+    return list(_REGISTRY)
+
+
+@dataclass
+class Features:
+    """One prepared item: its token ids (1-D) and its image tensors, before batching."""
+
+    input_ids: torch.Tensor
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class Backbone:
+    """A loaded multimodal LLM seen as an embedding model."""
+
+    #: ``config.model_type`` values this family handles.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: The string the family's processor expects where an image goes.
+    image_placeholder: ClassVar[str] = prompts.IMAGE
+    #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use.
+    chat_formats: ClassVar[tuple[str, ...]] = ()
+
+    #: Which side batches are padded on. Last-token pooling needs "left"; only tests change it.
+    padding_side: str = "left"
+
+    def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
+        tokenizer.padding_side = "left"
+        chat_format = chat_format or self.detect_chat_format(tokenizer)
+        if chat_format not in self.chat_formats:
+            raise ConfigError(f"chat format {chat_format!r} does not fit {type(self).__name__}; "
+                              f"expected one of {', '.join(self.chat_formats)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_format = chat_format
+        self.path = path
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ConfigError(f"{path}: the tokenizer has neither a pad nor an eos token")
+
+    # --- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, config, *, dtype, device, chat_format: str | None = None,
+                        attn_implementation: str | None = None, **hub_kwargs) -> "Backbone":
+        """Load model and pre-processing from a local directory or hub id. Subclasses fill :meth:`_load_parts`."""
+        from transformers import AutoModelForImageTextToText
+
+        kwargs = dict(dtype=dtype, **hub_kwargs)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+        model.to(device).eval()
+        model.requires_grad_(False)
+        parts = cls.load_preprocessing(path, model, **hub_kwargs)
+        return cls(model, **parts, chat_format=chat_format, path=str(path))
+
+    @classmethod
+    def load_preprocessing(cls, path, model, **hub_kwargs) -> dict:
+        """Tokenizer and image processing of a checkpoint, as keyword arguments of the constructor."""
+        raise NotImplementedError
+
+    @classmethod
+    def detect_chat_format(cls, tokenizer) -> str:
+        return cls.chat_formats[0]
+
+    # --- prompts -------------------------------------------------------------------------------------
+    def render(self, inner_prompt: str) -> str:
+        """Wrap a task prompt in the chat format and swap ``<image>`` for this family's image marker."""
+        text = prompts.CHAT_FORMATS[self.chat_format].format(inner_prompt)
+        return text.replace(prompts.IMAGE, self.image_placeholder)
+
+    # --- per item and per batch ------------------------------------------------------------------------
+    def prepare(self, text: str, image=None) -> Features:
+        """Tokenise one rendered prompt (BOS added by the tokenizer, no EOS) with its image, if any."""
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def collate(self, items: list[Features]) -> dict[str, torch.Tensor]:
+        """Pad token ids on :attr:`padding_side` and stack the image tensors in item order."""
+        width = max(len(f) for f in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, f in enumerate(items):
+            n = len(f)
+            sl = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            ids[row, sl] = f.input_ids
+            mask[row, sl] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        with_images = [f.images for f in items if f.images]
+        if with_images:
+            batch.update(self.stack_images(with_images))
+        return batch
+
+    def stack_images(self, images: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {k: torch.cat([im[k] for im in images]) for k in images[0]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final-layer hidden states of the base model (no lm_head), shape (batch, seq, hidden)."""
+        return self.model.model(**batch, use_cache=False).last_hidden_state
+
+    # --- facts ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 1 << 30)

@@ -1,0 +1,45 @@
+"""Qwen2-VL and Qwen2.5-VL (``model_type: qwen2_vl`` / ``qwen2_5_vl``).
+
+The Qwen processor cannot be built without torchvision (its video processor needs it), and images are all
+we need: tokenizer and PIL image processor are loaded separately and the image placeholder is expanded
+here, one ``<|image_pad|>`` per merged patch. M-RoPE needs ``mm_token_type_ids`` (1 on image tokens).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Backbone, Features, register
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@register
+class QwenVLBackbone(Backbone):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    chat_formats = ("qwen",)
+    image_placeholder = "<|vision_start|>" + IMAGE_PAD + "<|vision_end|>"
+
+    @classmethod
+    def load_preprocessing(cls, path, model, **hub_kwargs):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return {"tokenizer": AutoTokenizer.from_pretrained(path, **hub_kwargs),
+                "image_processor": AutoImageProcessor.from_pretrained(path, **hub_kwargs)}
+
+    def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
+        super().__init__(model, tokenizer, image_processor, chat_format=chat_format, path=path)
+        self.image_token_id = model.config.image_token_id
+
+    def prepare(self, text: str, image=None) -> Features:
+        images = {}
+        if image is not None:
+            images = dict(self.image_processor(images=[image], return_tensors="pt"))
+            n = int(images["image_grid_thw"][0].prod()) // self.image_processor.merge_size ** 2
+            text = text.replace(IMAGE_PAD, IMAGE_PAD * n)
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        return Features(ids, images)
+
+    def collate(self, items):
+        batch = super().collate(items)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        return batch

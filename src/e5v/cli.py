@@ -1,0 +1,178 @@
+"""The ``e5v`` command: one program, one verb per job. Each long job shows progress, resumes after an
+interruption, and ends with a summary line. Exit status: 0 done, 1 error, 2 usage, 3 done with skipped items."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXIT_SKIPPED = 3
+
+log = logging.getLogger("e5v")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id (e.g. royokong/e5-v) or local checkpoint directory")
+    p.add_argument("--adapter", help="LoRA adapter directory to merge")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--chat-format", choices=["llama3", "mistral", "vicuna", "qwen"], help="override the detected one")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--max-length", type=int, help="token limit per input; longer texts are truncated")
+
+
+def load_model(args):
+    from .encoder import E5V
+
+    return E5V.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                               chat_format=args.chat_format, max_batch_tokens=args.max_batch_tokens,
+                               max_batch_size=args.max_batch_size, max_length=args.max_length)
+
+
+# --- embed --------------------------------------------------------------------------------------------------
+def embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed texts, images or image+text pairs into a vector file",
+                       description="Embed texts, images or composed (image + text) pairs. Writes the vectors "
+                                   "(.npy or .safetensors) and their ids (JSONL, one line per row).")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="text file (one text per line) or JSONL with a 'text' field")
+    src.add_argument("--images", help="image file, folder (recursive), glob, or manifest (.jsonl/.csv/.txt)")
+    src.add_argument("--pairs", help="JSONL with 'image' and 'text' (composed queries)")
+    p.add_argument("--task", help="cirr or fashioniq-{dress,shirt,toptee}: composed query prompt for --pairs, "
+                                  "gallery prompt for --images")
+    p.add_argument("--prompt", help="your own prompt, with <sent> for the text and <image> for the image")
+    p.add_argument("--out", required=True, help="output vectors: .npy or .safetensors")
+    p.add_argument("--ids", help="output ids JSONL (default: OUT with .ids.jsonl)")
+    p.add_argument("--precision", choices=["float32", "float16"], default="float32")
+    p.add_argument("--part-size", type=int, default=1024, help="items per resumable part")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run_embed)
+
+
+def default_prompt(args) -> str:
+    from . import prompts
+
+    if args.prompt:
+        return args.prompt
+    if args.texts:
+        return prompts.TEXT
+    if args.images:
+        return prompts.composed_prompts(args.task)[1] if args.task else prompts.IMAGE_PROMPT
+    return prompts.composed_prompts(args.task or "cirr")[0]
+
+
+def read_records(args):
+    from .inputs import list_images, read_pairs, read_texts
+
+    if args.texts:
+        return [(r.id, r, f"{args.texts} id={r.id}") for r in read_texts(args.texts)]
+    if args.images:
+        return [(r.id, r, r.image) for r in list_images(args.images)]
+    return [(r.id, r, f"{args.pairs} id={r.id} ({r.image})") for r in read_pairs(args.pairs)]
+
+
+def run_embed(args) -> int:
+    import numpy as np
+
+    from .encoder import Item
+    from .parts import PartStore, atomic_save, atomic_write_bytes
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".safetensors"):
+        raise SystemExit(f"e5v embed: --out must end in .npy or .safetensors, not {out.name!r}")
+    ids_out = Path(args.ids) if args.ids else out.with_suffix(".ids.jsonl")
+    records = read_records(args)
+    prompt = default_prompt(args)
+    items = [Item(text=r.text, image=r.image, name=name) for _, r, name in records]
+    fingerprint = {"model": args.model, "adapter": args.adapter, "prompt": prompt, "dtype": args.dtype,
+                   "chat_format": args.chat_format, "max_length": args.max_length, "part_size": args.part_size,
+                   "inputs": hashlib.sha256(json.dumps([[i, r.text, r.image] for i, r, _ in records]).encode())
+                   .hexdigest()}
+    parts_dir = out.parent / f".{out.name}.parts"
+    store = PartStore(parts_dir, fingerprint)
+    nparts = (len(items) + args.part_size - 1) // args.part_size
+    todo = [k for k in range(nparts) if not store.done(k)]
+    started = time.perf_counter()
+    embedded_now = 0
+    if todo:
+        model = load_model(args)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), unit="item", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
+        bar.update(len(items) - sum(min(args.part_size, len(items) - k * args.part_size) for k in todo))
+        for k in todo:
+            lo = k * args.part_size
+            chunk = items[lo:lo + args.part_size]
+            res = model.embed(chunk, prompt=prompt)
+            store.write(k, vectors=res.vectors, indices=res.indices + lo,
+                        skipped=np.asarray([i + lo for i, _ in res.skipped], dtype=np.int64),
+                        reasons=np.asarray([e.reason for _, e in res.skipped], dtype=str))
+            embedded_now += len(res)
+            bar.update(len(chunk))
+        bar.close()
+    seconds = time.perf_counter() - started
+
+    parts = [store.read(k) for k in range(nparts)]
+    dim = next((p["vectors"].shape[1] for p in parts if p["vectors"].size), 0)
+    vectors = np.concatenate([p["vectors"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    vectors = vectors.astype(np.float16 if args.precision == "float16" else np.float32)
+    indices = np.concatenate([p["indices"] for p in parts]).tolist() if parts else []
+    skipped = [(int(i), str(r)) for p in parts for i, r in zip(p["skipped"], p["reasons"])]
+
+    if out.suffix == ".npy":
+        atomic_save(out, lambda tmp: np.save(open(tmp, "wb"), vectors))
+    else:
+        from safetensors.numpy import save_file
+
+        atomic_save(out, lambda tmp: save_file({"embeddings": np.ascontiguousarray(vectors)}, tmp))
+    lines = [json.dumps({"id": records[i][0], "index": i}) for i in indices]
+    atomic_write_bytes(ids_out, ("\n".join(lines) + "\n" if lines else "").encode())
+    skipped_out = out.with_suffix(".skipped.jsonl")
+    if skipped:
+        rows = [json.dumps({"id": records[i][0], "item": records[i][2], "reason": r}) for i, r in skipped]
+        atomic_write_bytes(skipped_out, ("\n".join(rows) + "\n").encode())
+        for i, r in skipped[:20]:
+            print(f"skipped {records[i][2]}: {r}", file=sys.stderr)
+    else:
+        skipped_out.unlink(missing_ok=True)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    rate = f"{embedded_now / seconds:.1f} items/s" if embedded_now and seconds > 0 else "resumed, nothing left to embed"
+    print(f"embedded {len(indices)} of {len(items)} items, skipped {len(skipped)}"
+          f"{f' (see {skipped_out})' if skipped else ''}; {rate}; vectors {vectors.shape} -> {out}, ids -> {ids_out}")
+    return EXIT_SKIPPED if skipped else 0
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="e5v", description="E5-V universal multimodal embeddings.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    embed_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .errors import E5VError
+
+    try:
+        return args.run(args)
+    except E5VError as err:
+        print(f"e5v {args.verb}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"e5v {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random checkpoints of every backbone family, built once per test session with
+``save_pretrained`` and loaded back with ``from_pretrained`` (the same path as a real checkpoint)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from e5v.tiny import FAMILIES, build_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> checkpoint directory, for every family in :data:`e5v.tiny.FAMILIES`."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny_checkpoint(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def mixed_images():
+    """Random RGB images of different sizes and aspect ratios (different token counts per image)."""
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32), (40, 90), (100, 30), (64, 64), (77, 51)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+TEXTS = ["A dog.", "Two children are playing soccer on the grass in the sun today.", "hello",
+         "A man is playing a guitar.", "The stock market fell today, and nobody expected it."]
