@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import e5v.encoder
 from e5v import E5V
@@ -44,9 +45,9 @@ class Reference:
         self.qwen = family.startswith("qwen")
         if self.qwen:
             self.tok = AutoTokenizer.from_pretrained(path)
-            self.imgp = AutoImageProcessor.from_pretrained(path)
+            self.imgp = Qwen2VLImageProcessorPil.from_pretrained(path)
         else:
-            self.proc = AutoProcessor.from_pretrained(path)
+            self.proc = AutoProcessor.from_pretrained(path, backend="pil")  # the official (slow) processor
             cfg = self.model.config
             if self.proc.patch_size is None:  # E5-V issue #26, fixed as vLLM's test does
                 self.proc.patch_size = cfg.vision_config.patch_size
@@ -262,3 +263,53 @@ def test_lora_adapter_merges(tiny_dirs, engines, tmp_path):
     got, want, before = merged.encode_text(TEXTS), manual.encode_text(TEXTS), base.encode_text(TEXTS)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(got - before).max() > 1e-3
+
+
+def test_checkpoint_in_the_transformers_441_layout_loads(tiny_dirs, engines, mixed_images, tmp_path):
+    """royokong/e5-v was saved by transformers 4.41 (``vision_tower.vision_model.*`` keys): same vectors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_dirs["e5v-like"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src, legacy)
+    weights = load_file(src / "model.safetensors")
+    assert any(k.startswith("vision_tower.") for k in weights)
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    m = E5V.from_pretrained(str(legacy), device="cpu", dtype="float32")
+    np.testing.assert_array_equal(m.encode_image(mixed_images[:2]), engines["e5v-like"].encode_image(mixed_images[:2]))
+
+
+def test_windows_stream_in_input_order(engines):
+    base = engines["llava-next-llama3"]
+    m = E5V(base.backbone, window=2, max_batch_tokens=70)
+    items = [TEXTS[0], TEXTS[1], "", TEXTS[3], TEXTS[4]]
+    res = m.embed(items, prompt=e5v.prompts.TEXT)
+    assert res.indices.tolist() == [0, 1, 3, 4] and [i for i, _ in res.skipped] == [2]
+    np.testing.assert_allclose(res.vectors, base.encode_text([items[i] for i in (0, 1, 3, 4)]), atol=1e-5)
+
+
+def test_non_finite_vectors_are_reported_not_returned(engines, monkeypatch):
+    m = engines["llava-next-llama3"]
+    bb = m.backbone
+    real_forward = type(bb).forward
+
+    def overflowing(self, batch):  # the longest input overflows, as fp16 can
+        hidden = real_forward(self, batch).clone()
+        lengths = batch["attention_mask"].sum(1)
+        hidden[lengths == lengths.max()] = float("inf")
+        return hidden
+
+    monkeypatch.setattr(type(bb), "forward", overflowing)
+    res = m.embed(TEXTS, prompt=e5v.prompts.TEXT)
+    assert [i for i, _ in res.skipped] == [4] and "non-finite" in str(res.skipped[0][1])
+    assert res.indices.tolist() == [0, 1, 2, 3] and np.isfinite(res.vectors).all()
+
+
+def test_single_image_path_is_one_item(engines, mixed_images, tmp_path):
+    path = tmp_path / "one.png"
+    mixed_images[1].save(path)
+    m = engines["llava-next-llama3"]
+    np.testing.assert_allclose(m.encode_image(str(path)), m.encode_image([mixed_images[1]]), atol=1e-6)

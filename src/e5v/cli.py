@@ -86,7 +86,8 @@ def run_embed(args) -> int:
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".safetensors"):
-        raise SystemExit(f"e5v embed: --out must end in .npy or .safetensors, not {out.name!r}")
+        print(f"e5v embed: error: --out must end in .npy or .safetensors, not {out.name!r}", file=sys.stderr)
+        return 2
     ids_out = Path(args.ids) if args.ids else out.with_suffix(".ids.jsonl")
     records = read_records(args)
     prompt = default_prompt(args)
@@ -102,6 +103,10 @@ def run_embed(args) -> int:
     started = time.perf_counter()
     embedded_now = 0
     if todo:
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         model = load_model(args)
         from tqdm.auto import tqdm
 

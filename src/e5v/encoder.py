@@ -8,6 +8,7 @@ token budget inside bounded windows, results returned in input order, bad items 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from . import prompts
 from .backbones import Backbone, Features, select
@@ -66,7 +68,7 @@ def as_item(obj, index: int, prompt: str) -> Item:
     if isinstance(obj, tuple) and len(obj) == 2:
         return Item(image=obj[0], text=obj[1], name=f"pair {index} ({describe(obj[0], index)})")
     if isinstance(obj, dict):
-        return Item(text=obj.get("text"), image=obj.get("image"), name=obj.get("id"))
+        return Item(text=obj.get("text"), image=obj.get("image"), name=str(obj.get("id", f"item {index}")))
     return Item(image=obj, name=describe(obj, index))
 
 
@@ -114,10 +116,14 @@ class E5V:
         from transformers import AutoConfig
 
         hub = {k: v for k, v in {"revision": revision, "local_files_only": local_files_only}.items() if v is not None}
+        local = os.path.isdir(name_or_path)
+        if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
+            raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
         try:
             config = AutoConfig.from_pretrained(name_or_path, **hub)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load a model config from {name_or_path!r}: {exc}") from exc
+            where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"
+            raise ModelLoadError(f"cannot load a model config for {name_or_path!r} from {where}: {exc}") from exc
         dev = resolve_device(device)
         backbone = select(config).from_checkpoint(name_or_path, config, dtype=resolve_dtype(dtype, dev), device=dev,
                                                   chat_format=chat_format, attn_implementation=attn_implementation,
@@ -143,7 +149,8 @@ class E5V:
         """Images (paths, bytes or PIL images) with the E5-V image prompt, or the gallery prompt of ``task``."""
         if prompt is None:
             prompt = prompts.composed_prompts(task)[1] if task else prompts.IMAGE_PROMPT
-        return self.encode(list(images), prompt=prompt, **options)
+        single = isinstance(images, (str, os.PathLike, bytes, Image.Image))
+        return self.encode([images] if single else list(images), prompt=prompt, **options)
 
     def encode_composed(self, pairs, *, task: str = "cirr", prompt: str | None = None, **options):
         """``(reference image, modification text)`` pairs with the query prompt of ``task``."""
@@ -158,12 +165,12 @@ class E5V:
         ``convert_to_tensor=True``, float16 with ``precision="float16"``.  If any item is rejected, raises
         :class:`BatchInputError` naming each one, with the accepted items' vectors in ``.result``.
         """
+        if precision not in ("float32", "float16"):
+            raise ConfigError(f"precision must be float32 or float16, not {precision!r}")
         result = self.embed(items, prompt=prompt, show_progress_bar=show_progress_bar)
         if result.skipped:
             raise BatchInputError(result.skipped, result)
         out = torch.from_numpy(result.vectors)
-        if precision not in ("float32", "float16"):
-            raise ConfigError(f"precision must be float32 or float16, not {precision!r}")
         out = out.to(torch.float16) if precision == "float16" else out
         return out if convert_to_tensor else out.numpy()
 
@@ -173,16 +180,12 @@ class E5V:
         chunks = list(self.iter_embed(items, prompt=prompt, show_progress_bar=show_progress_bar))
         idx = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
         vec = np.concatenate([c.vectors for c in chunks]) if chunks else np.zeros((0, self.dim), np.float32)
-        order = np.argsort(idx, kind="stable")
-        skipped = sorted((s for c in chunks for s in c.skipped), key=lambda s: s[0])
-        return EmbedResult(vec[order], idx[order], skipped, time.perf_counter() - start)
+        skipped = [s for c in chunks for s in c.skipped]  # windows come in input order
+        return EmbedResult(vec, idx, skipped, time.perf_counter() - start)
 
-    def iter_embed(self, items: Iterable, *, prompt: str, start: int = 0,
-                   show_progress_bar: bool = False) -> Iterator[EmbedResult]:
-        """Stream results window by window (bounded memory): one :class:`EmbedResult` per window.
-
-        Indices count from ``start``; rows inside a window are in input order.
-        """
+    def iter_embed(self, items: Iterable, *, prompt: str, show_progress_bar: bool = False) -> Iterator[EmbedResult]:
+        """Stream results window by window (bounded memory): one :class:`EmbedResult` per window, rows in
+        input order, indices into ``items``."""
         self.check_prompt(prompt)
         bar = None
         if show_progress_bar:
@@ -191,7 +194,7 @@ class E5V:
             bar = tqdm(total=len(items) if hasattr(items, "__len__") else None, unit="item", dynamic_ncols=True)
         window: list[tuple[int, Any]] = []
         try:
-            for i, obj in enumerate(items, start):
+            for i, obj in enumerate(items):
                 window.append((i, obj))
                 if len(window) >= self.window:
                     yield self._embed_window(window, prompt, bar)

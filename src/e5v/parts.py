@@ -16,6 +16,16 @@ import numpy as np
 from .errors import ConfigError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp creates files 0600; finished outputs get the usual permissions (0666 less the umask) instead.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
     path = Path(path)
@@ -26,6 +36,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -40,6 +51,7 @@ def atomic_save(path: Path, writer) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,13 +65,12 @@ class PartStore:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         job = self.folder / "job.json"
-        if job.exists():
-            old = json.loads(job.read_text())
-            if old != fingerprint:
-                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise ConfigError(f"{self.folder} holds a partial job with other settings ({', '.join(diff)}); "
-                                  "delete it or rerun with the same settings to resume")
-        else:
+        old = json.loads(job.read_text()) if job.exists() else None
+        if old is not None and old != fingerprint and any(self.folder.glob("part-*.npz")):
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            raise ConfigError(f"{self.folder} holds a partial job with other settings ({', '.join(diff)}); "
+                              "delete it or rerun with the same settings to resume")
+        if old != fingerprint:  # a new job, or a leftover without any finished part (say the model failed to load)
             atomic_write_bytes(job, json.dumps(fingerprint, sort_keys=True).encode())
 
     def path(self, k: int) -> Path:

@@ -40,7 +40,9 @@ class LlavaBackbone(Backbone):
     def load_preprocessing(cls, path, model, **hub_kwargs):
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+        # The PIL backend is the one the official recipe ran (the "slow" processor), and the one that works
+        # without torchvision on every transformers >= 5.17.
+        processor = AutoProcessor.from_pretrained(path, backend="pil", **hub_kwargs)
         fix_processor_and_model(processor, model)
         return {"processor": processor}
 

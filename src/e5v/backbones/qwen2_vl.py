@@ -21,10 +21,12 @@ class QwenVLBackbone(Backbone):
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
+        # Qwen2-VL and Qwen2.5-VL share this image processor; the PIL class loads without torchvision.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         return {"tokenizer": AutoTokenizer.from_pretrained(path, **hub_kwargs),
-                "image_processor": AutoImageProcessor.from_pretrained(path, **hub_kwargs)}
+                "image_processor": Qwen2VLImageProcessorPil.from_pretrained(path, **hub_kwargs)}
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
         super().__init__(model, tokenizer, image_processor, chat_format=chat_format, path=path)

@@ -1,0 +1,345 @@
+"""``e5v embed`` end to end on the tiny llava-next-llama3 checkpoint: texts, images and pairs against the
+Python API, the output files (vectors, ids, skip report), resuming from parts (reuse, kill -9, changed
+settings), and user errors (a message and an exit status, never a traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import e5v.cli
+from e5v import E5V
+from e5v.cli import main
+
+from conftest import TEXTS
+
+FAMILY = "llava-next-llama3"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dirs):
+    return str(tiny_dirs[FAMILY])
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return E5V.from_pretrained(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def cli(model_dir, capsys):
+    """Run ``e5v embed`` in-process; returns (exit status, stdout, stderr)."""
+
+    def run(*args, model=None):
+        code = main(["embed", "--model", model or model_dir, "--device", "cpu", "--no-progress", *map(str, args)])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+
+    return run
+
+
+def read_ids(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def parts_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.parts"
+
+
+def no_cleanup(monkeypatch):
+    """Keep the parts folder that a finished job would delete."""
+    monkeypatch.setattr(e5v.cli.shutil, "rmtree", lambda *a, **k: None)
+
+
+def count_embedded(monkeypatch) -> list[int]:
+    """Record how many items each ``E5V.embed`` call gets (the work actually done)."""
+    calls, orig = [], E5V.embed
+
+    def embed(self, items, **kw):
+        calls.append(len(items))
+        return orig(self, items, **kw)
+
+    monkeypatch.setattr(E5V, "embed", embed)
+    return calls
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the a dog cat runs quickly over lazy river mountain blue green sky house tree child guitar".split()
+    return [f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for i in range(n)]
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --- texts ------------------------------------------------------------------------------------------------
+def test_texts_txt_with_blank_line(cli, engine, tmp_path):
+    lines = [TEXTS[0], "", TEXTS[1], TEXTS[2], TEXTS[4]]
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out" / "emb.npy"
+    code, stdout, stderr = cli("--texts", src, "--out", out)
+
+    assert code == 3
+    kept = [0, 2, 3, 4]
+    vectors = np.load(out)
+    assert vectors.dtype == np.float32 and vectors.shape == (4, engine.dim)
+    np.testing.assert_allclose(vectors, engine.encode_text([lines[i] for i in kept]), atol=1e-5)
+    assert read_ids(out.with_suffix(".ids.jsonl")) == [{"id": str(i), "index": i} for i in kept]
+    skipped = read_ids(out.with_suffix(".skipped.jsonl"))
+    assert len(skipped) == 1
+    assert skipped[0]["id"] == "1" and skipped[0]["reason"] == "empty text"
+    assert str(src) in skipped[0]["item"] and "id=1" in skipped[0]["item"]
+    assert "embedded 4 of 5 items, skipped 1" in stdout
+    assert "empty text" in stderr
+    assert not parts_dir(out).exists()
+
+
+def test_texts_jsonl_with_ids(cli, engine, tmp_path):
+    rows = [{"id": "q7", "text": TEXTS[3]}, {"id": "a", "text": TEXTS[1], "lang": "en"}, {"text": TEXTS[0]}]
+    src = tmp_path / "texts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "emb.npy"
+    stale = out.with_suffix(".skipped.jsonl")  # left by an earlier run with a bad item
+    stale.write_text('{"id": "1", "item": "old", "reason": "empty text"}\n')
+    code, stdout, _ = cli("--texts", src, "--out", out)
+
+    assert code == 0
+    np.testing.assert_allclose(np.load(out), engine.encode_text([r["text"] for r in rows]), atol=1e-5)
+    # an id-less line takes its line index as id
+    assert read_ids(out.with_suffix(".ids.jsonl")) == [{"id": "q7", "index": 0}, {"id": "a", "index": 1},
+                                                       {"id": "2", "index": 2}]
+    assert not stale.exists()
+    assert "embedded 3 of 3 items, skipped 0" in stdout
+    assert not parts_dir(out).exists()
+    # outputs are ordinary files (not mkstemp's 0600)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask()
+
+
+# --- images -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def image_folder(tmp_path, mixed_images):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    mixed_images[0].save(root / "a.png")
+    mixed_images[1].save(root / "b.jpg", quality=90)
+    mixed_images[2].save(root / "sub" / "c.png")
+    mixed_images[4].save(root / "d.jpeg")
+    whole = root / "d.jpeg"
+    (root / "corrupt.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # truncated JPEG
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")  # not an image extension: not listed at all
+    return root
+
+
+def test_images_folder(cli, engine, image_folder, tmp_path):
+    out = tmp_path / "emb.safetensors"
+    code, stdout, stderr = cli("--images", image_folder, "--out", out)
+
+    assert code == 3
+    from safetensors.numpy import load_file
+
+    vectors = load_file(out)["embeddings"]
+    listed = ["a.png", "b.jpg", "corrupt.jpg", "d.jpeg", "empty.png", "sub/c.png"]  # sorted, recursive
+    good = ["a.png", "b.jpg", "d.jpeg", "sub/c.png"]
+    assert vectors.dtype == np.float32 and vectors.shape == (4, engine.dim)
+    np.testing.assert_allclose(vectors, engine.encode_image([str(image_folder / g) for g in good]), atol=1e-5)
+    assert read_ids(out.with_suffix(".ids.jsonl")) == [{"id": g, "index": listed.index(g)} for g in good]
+
+    skipped = {r["id"]: r for r in read_ids(out.with_suffix(".skipped.jsonl"))}
+    assert sorted(skipped) == ["corrupt.jpg", "empty.png"]
+    assert skipped["corrupt.jpg"]["item"] == str(image_folder / "corrupt.jpg")
+    assert "truncated or corrupt" in skipped["corrupt.jpg"]["reason"]
+    assert skipped["empty.png"]["item"] == str(image_folder / "empty.png")
+    assert skipped["empty.png"]["reason"] == "empty file (0 bytes)"
+    assert "embedded 4 of 6 items, skipped 2" in stdout
+    assert str(image_folder / "corrupt.jpg") in stderr and str(image_folder / "empty.png") in stderr
+
+    out16 = tmp_path / "emb16.npy"
+    code, _, _ = cli("--images", image_folder, "--out", out16, "--precision", "float16")
+    assert code == 3
+    v16 = np.load(out16)
+    assert v16.dtype == np.float16 and v16.shape == vectors.shape
+    np.testing.assert_allclose(v16.astype(np.float32), vectors, atol=2e-3)
+
+
+# --- pairs ------------------------------------------------------------------------------------------------
+def test_pairs_tasks(cli, engine, image_folder, tmp_path):
+    rows = [{"image": "imgs/a.png", "text": "make it red"},
+            {"id": "p2", "image": str(image_folder / "sub" / "c.png"), "text": "remove the background"},
+            {"image": "imgs/b.jpg", "text": "the same but at night"}]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = [(str(tmp_path / r["image"]), r["text"]) for r in rows]
+
+    out = tmp_path / "cirr.npy"
+    assert cli("--pairs", src, "--task", "cirr", "--out", out)[0] == 0
+    cirr = np.load(out)
+    np.testing.assert_allclose(cirr, engine.encode_composed(pairs, task="cirr"), atol=1e-5)
+    assert [r["id"] for r in read_ids(out.with_suffix(".ids.jsonl"))] == ["0", "p2", "2"]
+
+    out2 = tmp_path / "fiq.npy"
+    assert cli("--pairs", src, "--task", "fashioniq-toptee", "--out", out2)[0] == 0
+    fiq = np.load(out2)
+    np.testing.assert_allclose(fiq, engine.encode_composed(pairs, task="fashioniq-toptee"), atol=1e-5)
+    assert np.abs(fiq - cirr).max() > 1e-3  # another prompt, other vectors
+
+
+# --- resume -----------------------------------------------------------------------------------------------
+def test_resume_reuses_finished_parts(cli, tmp_path, monkeypatch):
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(sentences(12)) + "\n")
+    out = tmp_path / "emb.npy"
+    ids = out.with_suffix(".ids.jsonl")
+    parts = parts_dir(out)
+    with monkeypatch.context() as m:
+        no_cleanup(m)
+        assert cli("--texts", src, "--out", out, "--part-size", "3")[0] == 0
+        first_vectors, first_ids = out.read_bytes(), ids.read_bytes()
+        assert sorted(p.name for p in parts.glob("part-*.npz")) == [f"part-00000{k}.npz" for k in range(4)]
+
+        # an interrupted job: no output yet, parts 1 and 3 missing
+        out.unlink()
+        ids.unlink()
+        (parts / "part-000001.npz").unlink()
+        (parts / "part-000003.npz").unlink()
+        calls = count_embedded(m)
+        assert cli("--texts", src, "--out", out, "--part-size", "3")[0] == 0
+        assert calls == [3, 3]  # only the two missing parts were embedded again
+        assert out.read_bytes() == first_vectors and ids.read_bytes() == first_ids
+
+    # every part done: the model is not even loaded
+    out.unlink()
+    loads = []
+    monkeypatch.setattr(e5v.cli, "load_model", lambda args: loads.append(args) or pytest.fail("model loaded"))
+    code, stdout, _ = cli("--texts", src, "--out", out, "--part-size", "3")
+    assert code == 0 and loads == []
+    assert "nothing left to embed" in stdout
+    assert out.read_bytes() == first_vectors and ids.read_bytes() == first_ids
+    assert not parts.exists()
+
+
+def test_resume_after_kill_9(cli, model_dir, tmp_path, monkeypatch):
+    n, part_size = 600, 5
+    for attempt in range(3):
+        src = tmp_path / f"texts{attempt}.txt"
+        src.write_text("\n".join(sentences(n, seed=attempt)) + "\n")
+        out = tmp_path / f"run{attempt}" / "emb.npy"
+        parts = parts_dir(out)
+        args = ["--texts", str(src), "--out", str(out), "--part-size", str(part_size)]
+        cmd = [sys.executable, "-m", "e5v.cli", "embed", "--model", model_dir, "--device", "cpu", "--no-progress",
+               *args]
+        with open(tmp_path / "killed.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and not any(parts.glob("part-*.npz")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            break
+        n *= 4  # it finished before the kill: make the job longer
+    else:
+        pytest.fail(f"could not kill the job mid-way: {(tmp_path / 'killed.log').read_text()[-2000:]}")
+
+    nparts = n // part_size
+    done = len(list(parts.glob("part-*.npz")))
+    assert 1 <= done < nparts, "the kill should land mid-way"
+    assert not out.exists() and not out.with_suffix(".ids.jsonl").exists()
+
+    calls = count_embedded(monkeypatch)
+    code, stdout, _ = cli(*args)
+    assert code == 0
+    assert sum(calls) <= n - done * part_size  # the parts written before the kill were reused
+    assert f"embedded {n} of {n} items, skipped 0" in stdout
+    assert not parts.exists()
+
+    clean = tmp_path / "clean" / "emb.npy"
+    assert cli("--texts", src, "--out", clean, "--part-size", part_size)[0] == 0
+    resumed_ids, clean_ids = read_ids(out.with_suffix(".ids.jsonl")), read_ids(clean.with_suffix(".ids.jsonl"))
+    assert resumed_ids == clean_ids
+    assert [r["index"] for r in resumed_ids] == list(range(n))  # nothing lost
+    assert len({r["id"] for r in resumed_ids}) == n  # no duplicates
+    resumed, reference = np.load(out), np.load(clean)
+    assert resumed.shape == reference.shape == (n, resumed.shape[1])
+    np.testing.assert_allclose(resumed, reference, atol=1e-6)
+
+
+def test_resume_with_other_settings_is_refused(cli, tmp_path, monkeypatch):
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "emb.npy"
+    parts = parts_dir(out)
+    with monkeypatch.context() as m:
+        no_cleanup(m)
+        assert cli("--texts", src, "--out", out, "--part-size", "2")[0] == 0
+    (parts / "part-000002.npz").unlink()  # an unfinished job
+    snapshot = {p.name: p.read_bytes() for p in [*parts.iterdir(), out, out.with_suffix(".ids.jsonl")]}
+
+    code, stdout, stderr = cli("--texts", src, "--out", out, "--part-size", "2", "--prompt", "<sent> In one word:")
+    assert code == 1
+    assert str(parts) in stderr and "prompt" in stderr and "e5v embed: error:" in stderr
+    assert "embedded" not in stdout
+    assert {p.name: p.read_bytes() for p in [*parts.iterdir(), out, out.with_suffix(".ids.jsonl")]} == snapshot
+
+    # the same settings resume it
+    assert cli("--texts", src, "--out", out, "--part-size", "2")[0] == 0
+    assert not parts.exists()
+
+
+# --- bad usage --------------------------------------------------------------------------------------------
+def test_out_must_be_npy_or_safetensors(cli, tmp_path):
+    src = tmp_path / "texts.txt"
+    src.write_text("hello\n")
+    code, stdout, stderr = cli("--texts", src, "--out", tmp_path / "x.txt")
+    assert code == 2
+    assert "x.txt" in stderr and ".npy or .safetensors" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts.txt"]  # nothing written
+
+
+def test_missing_texts_file(cli, tmp_path):
+    missing = tmp_path / "nope.txt"
+    code, _, stderr = cli("--texts", missing, "--out", tmp_path / "emb.npy")
+    assert code == 1
+    assert str(missing) in stderr and "file not found" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_argparse_usage_errors(cli, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli("--texts", "a.txt", "--images", "imgs", "--out", tmp_path / "emb.npy")
+    assert exc.value.code == 2
+
+
+def test_unknown_model_dir(cli, engine, model_dir, tmp_path):
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "emb.npy"
+    bad = tmp_path / "no-such-model"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "e5v.cli", "embed", "--model", str(bad), "--texts", str(src),
+                           "--out", str(out), "--device", "cpu", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "e5v embed: error:" in proc.stderr and str(bad) in proc.stderr
+    assert not out.exists()
+
+    # the corrected command then runs (the failed attempt left no finished part to protect)
+    code, _, _ = cli("--texts", src, "--out", out)
+    assert code == 0
+    np.testing.assert_allclose(np.load(out), engine.encode_text(TEXTS), atol=1e-5)
