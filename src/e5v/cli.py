@@ -100,14 +100,14 @@ def run_embed(args) -> int:
     store = PartStore(parts_dir, fingerprint)
     nparts = (len(items) + args.part_size - 1) // args.part_size
     todo = [k for k in range(nparts) if not store.done(k)]
-    started = time.perf_counter()
-    embedded_now = 0
+    embedded_now, seconds = 0, 0.0
     if todo:
         if args.no_progress:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()
         model = load_model(args)
+        started = time.perf_counter()  # throughput of embedding, not of loading the model
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), unit="item", disable=args.no_progress, dynamic_ncols=True, file=sys.stderr)
@@ -122,7 +122,7 @@ def run_embed(args) -> int:
             embedded_now += len(res)
             bar.update(len(chunk))
         bar.close()
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
 
     parts = [store.read(k) for k in range(nparts)]
     dim = next((p["vectors"].shape[1] for p in parts if p["vectors"].size), 0)

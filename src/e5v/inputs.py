@@ -233,7 +233,7 @@ def _read_lines(path) -> list[str]:
 
 
 def _read_jsonl(path):
-    """Yield (0-based line index, object) for the non-blank lines of a JSON-lines file."""
+    """Yield (0-based line index, object, "path:line N") for the non-blank lines of a JSON-lines file."""
     p = os.fsdecode(path)
     for i, line in enumerate(_read_lines(p)):
         if not line.strip():
