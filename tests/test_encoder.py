@@ -313,3 +313,23 @@ def test_single_image_path_is_one_item(engines, mixed_images, tmp_path):
     mixed_images[1].save(path)
     m = engines["llava-next-llama3"]
     np.testing.assert_allclose(m.encode_image(str(path)), m.encode_image([mixed_images[1]]), atol=1e-6)
+
+
+def test_unusual_image_modes_embed_like_their_rgb_version(engines, mixed_images, tmp_path):
+    """CMYK, palette, LA, 16-bit and animated files go through the model as the RGB image they show."""
+    from PIL import Image
+
+    m = engines["llava-next-llama3"]
+    rgb = mixed_images[3]
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.save(tmp_path / "palette.png")
+    Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    frames = [rgb, Image.new("RGB", rgb.size, "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    got = m.encode_image([str(tmp_path / n) for n in ("cmyk.jpg", "palette.png", "grey16.png", "anim.gif")])
+    want = m.encode_image([Image.open(tmp_path / "cmyk.jpg").convert("RGB"), pal.convert("RGB"), rgb.convert("L").convert("RGB"),
+                           Image.open(tmp_path / "anim.gif").convert("RGB")])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    blue = m.encode_image([frames[1]])
+    assert np.abs(got[3] - blue[0]).max() > 1e-3  # the first frame, not the second

@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub id (e.g. royokong/e5-v) or local checkpoint directory")
     p.add_argument("--adapter", help="LoRA adapter directory to merge")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (auto: fp16 on GPU as the official recipe, fp32 on CPU)")
     p.add_argument("--chat-format", choices=["llama3", "mistral", "vicuna", "qwen"], help="override the detected one")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--max-batch-size", type=int, default=256)
