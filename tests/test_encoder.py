@@ -333,3 +333,40 @@ def test_unusual_image_modes_embed_like_their_rgb_version(engines, mixed_images,
     np.testing.assert_allclose(got, want, atol=1e-5)
     blue = m.encode_image([frames[1]])
     assert np.abs(got[3] - blue[0]).max() > 1e-3  # the first frame, not the second
+
+
+def test_real_e5v_image_geometry(tiny_dirs, tmp_path):
+    """royokong/e5-v's image settings (336 px CLIP-L/14 tiles, its AnyRes pinpoints, processor without
+    patch_size) on a narrow random model: a 640x480 image takes 2,340 image tokens (GPU_ANCHORS.md), and
+    mixed sizes batched together equal one-by-one."""
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoConfig, CLIPVisionConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    src, out = tiny_dirs["e5v-like"], tmp_path / "e5v-geometry"
+    shutil.copytree(src, out)
+    pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.vision_config = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2)
+    cfg.image_grid_pinpoints = pins
+    cfg.text_config.max_position_embeddings = 8192  # Llama-3's; a full AnyRes image needs ~2.4k
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(out)
+    proc_cfg = json.loads((out / "processor_config.json").read_text())
+    proc_cfg["image_processor"] = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pins,
+        resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711]).to_dict()
+    (out / "processor_config.json").write_text(json.dumps(proc_cfg))
+
+    m = E5V.from_pretrained(str(out), device="cpu", dtype="float32")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in [(640, 480), (500, 375), (375, 500)]]
+    feats = m.prepare(e5v.encoder.Item(image=images[0]), e5v.prompts.IMAGE_PROMPT)
+    image_id = m.backbone.model.config.image_token_id
+    assert int((feats.input_ids == image_id).sum()) == 2340
+    batched = m.encode_image(images)
+    np.testing.assert_allclose(batched, np.concatenate([m.encode_image([im]) for im in images]), atol=1e-5)
