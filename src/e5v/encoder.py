@@ -62,7 +62,7 @@ def as_item(obj, index: int, prompt: str) -> Item:
     A str is a text when the prompt has ``<sent>``, else an image path (image-only prompts).
     """
     if isinstance(obj, Item):
-        return obj
+        return obj if obj.name else Item(obj.text, obj.image, f"item {index}")
     if isinstance(obj, str) and (prompts.SENT in prompt or prompts.IMAGE not in prompt):
         return Item(text=obj, name=f"text {index}")
     if isinstance(obj, tuple) and len(obj) == 2:
@@ -93,11 +93,13 @@ class E5V:
     """A multimodal LLM used as a universal embedding model (texts, images and image+text in one space)."""
 
     def __init__(self, backbone: Backbone, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
-                 window: int = 4096, max_length: int | None = None, max_pixels: int | None = None):
+                 window: int | None = None, max_length: int | None = None, max_pixels: int | None = None):
+        """``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
+        images hold their pixel tensors, up to ~7 MB each at full AnyRes). Default: 4096 texts, 128 images."""
         self.backbone = backbone
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
-        self.window = int(window)
+        self.window = window
         self.max_length = int(max_length or backbone.max_length)
         self.image_options = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
 
@@ -190,11 +192,12 @@ class E5V:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items) if hasattr(items, "__len__") else None, unit="item", dynamic_ncols=True)
+        size = self.window or (128 if prompts.IMAGE in prompt else 4096)
         window: list[tuple[int, Any]] = []
         try:
             for i, obj in enumerate(items):
                 window.append((i, obj))
-                if len(window) >= self.window:
+                if len(window) >= size:
                     yield self._embed_window(window, prompt, bar)
                     window = []
             if window:
@@ -214,7 +217,7 @@ class E5V:
 
     def prepare(self, item: Item, prompt: str) -> Features:
         """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
-        name = item.name or "item"
+        name = item.name or "item"  # as_item names every item; a bare Item passed here may not be
         wants_text, wants_image = prompts.SENT in prompt, prompts.IMAGE in prompt
         if wants_text != (item.text is not None):
             if wants_text:
@@ -266,12 +269,13 @@ class E5V:
 
     def _embed_window(self, window: list[tuple[int, Any]], prompt: str, bar) -> EmbedResult:
         start = time.perf_counter()
-        window_objs = dict(window)
-        ok_idx, feats, skipped = [], [], []
+        ok_idx, names, feats, skipped = [], [], [], []
         for i, obj in window:
+            item = as_item(obj, i, prompt)
             try:
-                feats.append(self.prepare(as_item(obj, i, prompt), prompt))
+                feats.append(self.prepare(item, prompt))
                 ok_idx.append(i)
+                names.append(item.name)
             except InputError as err:
                 log.warning("skipped %s", err)
                 skipped.append((i, err))
@@ -284,8 +288,7 @@ class E5V:
                 bar.update(len(batch))
         finite = np.isfinite(vectors).all(axis=1)
         for k in np.flatnonzero(~finite):
-            err = InputError(as_item(window_objs[ok_idx[k]], ok_idx[k], prompt).name or f"item {ok_idx[k]}",
-                             "the model produced a non-finite embedding (overflow in "
+            err = InputError(names[k], "the model produced a non-finite embedding (overflow in "
                              f"{str(self.backbone.dtype).replace('torch.', '')}? try bfloat16 or float32)")
             log.warning("skipped %s", err)
             skipped.append((ok_idx[k], err))

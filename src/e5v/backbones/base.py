@@ -105,9 +105,6 @@ class Backbone:
         """Tokenise one rendered prompt (BOS added by the tokenizer, no EOS) with its image, if any."""
         raise NotImplementedError
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def collate(self, items: list[Features]) -> dict[str, torch.Tensor]:
         """Pad token ids on :attr:`padding_side` and stack the image tensors in item order."""
         width = max(len(f) for f in items)
