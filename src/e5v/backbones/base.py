@@ -79,6 +79,8 @@ class Backbone:
         kwargs = dict(dtype=dtype, **hub_kwargs)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        if torch.device(device).type != "cpu":
+            kwargs["device_map"] = str(device)  # load straight onto the accelerator, not through host memory
         model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
         model.to(device).eval()
         model.requires_grad_(False)
