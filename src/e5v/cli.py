@@ -132,7 +132,7 @@ def run_embed(args) -> int:
     skipped = [(int(i), str(r)) for p in parts for i, r in zip(p["skipped"], p["reasons"])]
 
     if out.suffix == ".npy":
-        atomic_save(out, lambda tmp: np.save(open(tmp, "wb"), vectors))
+        atomic_save(out, lambda tmp: np.save(tmp, vectors))  # tmp ends in .npy: saved as named
     else:
         from safetensors.numpy import save_file
 
