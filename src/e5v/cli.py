@@ -155,11 +155,20 @@ def run_embed(args) -> int:
 
 
 # --- main -----------------------------------------------------------------------------------------------------
+#: Modules that add verbs: each has ``add_parsers(sub)``, and imports nothing heavy at module level (the
+#: parser is built on every call, so ``e5v --help`` stays fast).
+VERB_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="e5v", description="E5-V universal multimodal embeddings.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     embed_parser(sub)
+    for name in VERB_MODULES:
+        importlib.import_module(name).add_parsers(sub)
     return parser
 
 
