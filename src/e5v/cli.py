@@ -16,8 +16,8 @@ EXIT_SKIPPED = 3
 log = logging.getLogger("e5v")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="hub id (e.g. royokong/e5-v) or local checkpoint directory")
+def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, help="hub id (e.g. royokong/e5-v) or local checkpoint directory")
     p.add_argument("--adapter", help="LoRA adapter directory to merge")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (auto: fp16 on GPU as the official recipe, fp32 on CPU)")
@@ -25,6 +25,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-length", type=int, help="token limit per input; longer texts are truncated")
+    p.add_argument("--workers", type=int, default=0,
+                   help="preprocessing worker processes, overlapped with the model (default 0: in the main process)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="padding-free batches (auto: only under FlashAttention or FlexAttention; same vectors)")
+    p.add_argument("--group-lengths", action="store_true",
+                   help="batches of one length only (unmasked SDPA kernels; same vectors)")
+    p.add_argument("--anyres-max-tiles", type=int,
+                   help="speed option, a deviation from the official recipe: at most K AnyRes grid tiles per image")
+    p.add_argument("--attn-implementation", help="sdpa, eager, flash_attention_2, flex_attention")
 
 
 def load_model(args):
@@ -32,7 +41,10 @@ def load_model(args):
 
     return E5V.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                chat_format=args.chat_format, max_batch_tokens=args.max_batch_tokens,
-                               max_batch_size=args.max_batch_size, max_length=args.max_length)
+                               max_batch_size=args.max_batch_size, max_length=args.max_length,
+                               num_workers=args.workers, group_lengths=args.group_lengths,
+                               packing={"on": True, "off": False}.get(args.packing, args.packing),
+                               anyres_max_tiles=args.anyres_max_tiles, attn_implementation=args.attn_implementation)
 
 
 # --- embed --------------------------------------------------------------------------------------------------
@@ -94,6 +106,7 @@ def run_embed(args) -> int:
     items = [Item(text=r.text, image=r.image, name=name) for _, r, name in records]
     fingerprint = {"model": args.model, "adapter": args.adapter, "prompt": prompt, "dtype": args.dtype,
                    "chat_format": args.chat_format, "max_length": args.max_length, "part_size": args.part_size,
+                   "anyres_max_tiles": args.anyres_max_tiles,
                    "inputs": hashlib.sha256(json.dumps([[i, r.text, r.image] for i, r, _ in records]).encode())
                    .hexdigest()}
     parts_dir = out.parent / f".{out.name}.parts"
@@ -157,7 +170,7 @@ def run_embed(args) -> int:
 # --- main -----------------------------------------------------------------------------------------------------
 #: Modules that add verbs: each has ``add_parsers(sub)``, and imports nothing heavy at module level (the
 #: parser is built on every call, so ``e5v --help`` stays fast).
-VERB_MODULES: tuple[str, ...] = ()
+VERB_MODULES: tuple[str, ...] = ("e5v.serve.cli", "e5v.store.cli", "e5v.train.cli", "e5v.bench", "e5v.eval.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,12 +4,18 @@ Faithful to the official recipe: the task prompt inside the backbone's chat form
 padding, the final-layer hidden state at the last position, L2-normalised.  What it does beyond it: the base
 model only (no lm_head over the sequence, no stored hidden states), items sorted by length and batched by a
 token budget inside bounded windows, results returned in input order, bad items skipped and reported.
+
+Speed options (each off by default or proven equal to the default path by the tests):
+- ``num_workers``: preprocessing in worker processes, the next window prepared while the model runs;
+- ``packing``: the sequences of a batch in one row without padding (block-diagonal attention);
+- ``anyres_max_tiles`` (LLaVA-NeXT, at load): fewer AnyRes grid tiles, a deviation from the official recipe.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -45,12 +51,15 @@ class Item:
 
 @dataclass
 class EmbedResult:
-    """Vectors of the accepted items (``indices`` into the input, ascending) and the rejected ones."""
+    """Vectors of the accepted items (``indices`` into the input, ascending) and the rejected ones.
+
+    ``tokens``: the input length of each accepted row in tokens (prompt, text and image tokens; usage reports)."""
 
     vectors: np.ndarray
     indices: np.ndarray
     skipped: list[tuple[int, InputError]] = field(default_factory=list)
     seconds: float = 0.0
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -89,131 +98,23 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
 
 
-class E5V:
-    """A multimodal LLM used as a universal embedding model (texts, images and image+text in one space)."""
+class Preparer:
+    """Turns one item into :class:`Features`: validate, decode, render the prompt, tokenise, preprocess the image.
 
-    def __init__(self, backbone: Backbone, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
-                 window: int | None = None, max_length: int | None = None, max_pixels: int | None = None):
-        """``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
-        images hold their pixel tensors, up to ~7 MB each at full AnyRes). Default: 4096 texts, 128 images."""
+    It holds what preprocessing needs and nothing more, so that it can be sent to worker processes
+    (:meth:`shippable` drops the model)."""
+
+    def __init__(self, backbone: Backbone, max_length: int, image_options: dict):
         self.backbone = backbone
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.max_batch_size = int(max_batch_size)
-        self.window = window
-        self.max_length = int(max_length or backbone.max_length)
-        self.image_options = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+        self.max_length = max_length
+        self.image_options = image_options
 
-    # --- loading ---------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None, adapter: str | None = None,
-                        chat_format: str | None = None, attn_implementation: str | None = None,
-                        revision: str | None = None, local_files_only: bool | None = None, **engine_options) -> "E5V":
-        """Load ``royokong/e5-v`` (hub id or local copy) or any supported checkpoint.
+    def shippable(self) -> "Preparer":
+        return Preparer(self.backbone.without_model(), self.max_length, dict(self.image_options))
 
-        ``adapter``: a LoRA adapter directory, merged into the weights after loading.
-        ``engine_options``: ``max_batch_tokens``, ``max_batch_size``, ``window``, ``max_length``, ``max_pixels``.
-        """
-        from transformers import AutoConfig
-
-        hub = {k: v for k, v in {"revision": revision, "local_files_only": local_files_only}.items() if v is not None}
-        local = os.path.isdir(name_or_path)
-        if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
-            raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, **hub)
-        except (OSError, ValueError) as exc:
-            where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"
-            raise ModelLoadError(f"cannot load a model config for {name_or_path!r} from {where}: {exc}") from exc
-        dev = resolve_device(device)
-        backbone = select(config).from_checkpoint(name_or_path, config, dtype=resolve_dtype(dtype, dev), device=dev,
-                                                  chat_format=chat_format, attn_implementation=attn_implementation,
-                                                  **hub)
-        if adapter:
-            from .adapters import merge_adapter
-
-            merge_adapter(backbone.model, adapter)
-        log.info("loaded %s (%s, %s format) on %s in %s", name_or_path, type(backbone).__name__,
-                 backbone.chat_format, backbone.device, backbone.dtype)
-        return cls(backbone, **engine_options)
-
-    @property
-    def dim(self) -> int:
-        return self.backbone.hidden_size
-
-    # --- public encoders ---------------------------------------------------------------------------------
-    def encode_text(self, texts: Sequence[str] | str, *, prompt: str = prompts.TEXT, **options):
-        """Texts with the E5-V text prompt (or ``prompt``, which must contain ``<sent>``)."""
-        return self.encode([texts] if isinstance(texts, str) else texts, prompt=prompt, **options)
-
-    def encode_image(self, images, *, prompt: str | None = None, task: str | None = None, **options):
-        """Images (paths, bytes or PIL images) with the E5-V image prompt, or the gallery prompt of ``task``."""
-        if prompt is None:
-            prompt = prompts.composed_prompts(task)[1] if task else prompts.IMAGE_PROMPT
-        single = isinstance(images, (str, os.PathLike, bytes, Image.Image))
-        return self.encode([images] if single else list(images), prompt=prompt, **options)
-
-    def encode_composed(self, pairs, *, task: str = "cirr", prompt: str | None = None, **options):
-        """``(reference image, modification text)`` pairs with the query prompt of ``task``."""
-        prompt = prompt or prompts.composed_prompts(task)[0]
-        return self.encode([p if isinstance(p, (Item, dict)) else tuple(p) for p in pairs], prompt=prompt, **options)
-
-    def encode(self, items: Sequence, *, prompt: str, convert_to_tensor: bool = False, precision: str = "float32",
-               show_progress_bar: bool = False):
-        """Embed ``items`` with a user prompt (``<sent>`` for the text, ``<image>`` for the image).
-
-        Returns unit rows in input order: float32 numpy by default, a torch tensor with
-        ``convert_to_tensor=True``, float16 with ``precision="float16"``.  If any item is rejected, raises
-        :class:`BatchInputError` naming each one, with the accepted items' vectors in ``.result``.
-        """
-        if precision not in ("float32", "float16"):
-            raise ConfigError(f"precision must be float32 or float16, not {precision!r}")
-        result = self.embed(items, prompt=prompt, show_progress_bar=show_progress_bar)
-        if result.skipped:
-            raise BatchInputError(result.skipped, result)
-        out = torch.from_numpy(result.vectors)
-        out = out.to(torch.float16) if precision == "float16" else out
-        return out if convert_to_tensor else out.numpy()
-
-    def embed(self, items: Sequence, *, prompt: str, show_progress_bar: bool = False) -> EmbedResult:
-        """Embed what can be embedded; never raises for a bad item (see :class:`EmbedResult`)."""
-        start = time.perf_counter()
-        chunks = list(self.iter_embed(items, prompt=prompt, show_progress_bar=show_progress_bar))
-        idx = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
-        vec = np.concatenate([c.vectors for c in chunks]) if chunks else np.zeros((0, self.dim), np.float32)
-        skipped = [s for c in chunks for s in c.skipped]  # windows come in input order
-        return EmbedResult(vec, idx, skipped, time.perf_counter() - start)
-
-    def iter_embed(self, items: Iterable, *, prompt: str, show_progress_bar: bool = False) -> Iterator[EmbedResult]:
-        """Stream results window by window (bounded memory): one :class:`EmbedResult` per window, rows in
-        input order, indices into ``items``."""
-        self.check_prompt(prompt)
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(items) if hasattr(items, "__len__") else None, unit="item", dynamic_ncols=True)
-        size = self.window or (128 if prompts.IMAGE in prompt else 4096)
-        window: list[tuple[int, Any]] = []
-        try:
-            for i, obj in enumerate(items):
-                window.append((i, obj))
-                if len(window) >= size:
-                    yield self._embed_window(window, prompt, bar)
-                    window = []
-            if window:
-                yield self._embed_window(window, prompt, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    # --- internals ---------------------------------------------------------------------------------------
-    def check_prompt(self, prompt: str) -> None:
-        if not isinstance(prompt, str) or not prompt:
-            raise ConfigError("the prompt must be a non-empty string")
-        if prompt.count(prompts.IMAGE) > 1:
-            raise ConfigError("a prompt may hold at most one <image>")
-        if prompt.count(prompts.SENT) > 1:
-            raise ConfigError("a prompt may hold at most one <sent>")
+    def key(self) -> tuple:
+        """What a worker's copy depends on: a change means the workers must be restarted."""
+        return id(self.backbone), self.max_length, tuple(sorted(self.image_options.items()))
 
     def prepare(self, item: Item, prompt: str) -> Features:
         """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
@@ -254,36 +155,302 @@ class E5V:
                 return feats
         raise InputError(name, f"could not truncate the text to fit {self.max_length} tokens")
 
-    def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Positions grouped into batches: longest first, each under the token budget (padded size)."""
+
+@dataclass
+class Prepared:
+    """A window after preprocessing: the good items (input index, name, features) and the rejected ones."""
+
+    ok_idx: list[int]
+    names: list[str]
+    feats: list[Features]
+    skipped: list[tuple[int, InputError]]
+
+
+#: Attention implementations with a variable-length kernel: packing removes padding at no extra attention cost.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class E5V:
+    """A multimodal LLM used as a universal embedding model (texts, images and image+text in one space)."""
+
+    def __init__(self, backbone: Backbone, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
+                 window: int | None = None, max_length: int | None = None, max_pixels: int | None = None,
+                 num_workers: int = 0, packing: bool | str = "auto", group_lengths: bool = False):
+        """``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
+        images hold their pixel tensors, up to ~7 MB each at full AnyRes). Default: 4096 texts, 128 images.
+
+        ``num_workers``: preprocess in that many spawned processes, one window ahead of the model (0: in this
+        process, in turn with the model). Call :meth:`close` (or use ``with``) to stop them early.
+
+        ``packing``: ``True`` puts each batch's sequences in one row without padding, with per-sequence
+        position ids and a block-diagonal causal mask (varlen FlashAttention-2, a FlexAttention block mask, or
+        a dense mask under SDPA/eager); ``False`` pads on the left as the official recipe; ``"auto"`` packs
+        when the language model runs a variable-length kernel (FlashAttention-2/3, FlexAttention), where
+        packing costs no extra attention work. The vectors are the same either way (tested in fp32).
+
+        ``group_lengths``: padded batches hold inputs of one length only, so no batch has padding and SDPA
+        keeps its maskless causal kernel (more, smaller batches; useful for images of a few sizes).
+        """
+        if packing not in (True, False, "auto"):
+            raise ConfigError(f"packing must be True, False or 'auto', not {packing!r}")
+        if int(num_workers) < 0:
+            raise ConfigError(f"num_workers must be >= 0, not {num_workers}")
+        self.backbone = backbone
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.max_batch_size = int(max_batch_size)
+        self.window = window
+        self.max_length = int(max_length or backbone.max_length)
+        self.image_options = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+        self.num_workers = int(num_workers)
+        self.packing = packing
+        self.group_lengths = bool(group_lengths)
+        self._pool = None
+        self._pool_key = None
+
+    # --- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None, adapter: str | None = None,
+                        chat_format: str | None = None, attn_implementation: str | None = None,
+                        revision: str | None = None, local_files_only: bool | None = None,
+                        anyres_max_tiles: int | None = None, **engine_options) -> "E5V":
+        """Load ``royokong/e5-v`` (hub id or local copy) or any supported checkpoint.
+
+        ``adapter``: a LoRA adapter directory, merged into the weights after loading.
+        ``anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe: only AnyRes
+        grids of at most that many 336-px tiles (1: the base tile plus one grid tile, about 2.2x fewer image
+        tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`.
+        ``engine_options``: ``max_batch_tokens``, ``max_batch_size``, ``window``, ``max_length``, ``max_pixels``,
+        ``num_workers``, ``packing``, ``group_lengths``.
+        """
+        from transformers import AutoConfig
+
+        hub = {k: v for k, v in {"revision": revision, "local_files_only": local_files_only}.items() if v is not None}
+        local = os.path.isdir(name_or_path)
+        if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
+            raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
+        try:
+            config = AutoConfig.from_pretrained(name_or_path, **hub)
+        except (OSError, ValueError) as exc:
+            where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"
+            raise ModelLoadError(f"cannot load a model config for {name_or_path!r} from {where}: {exc}") from exc
+        dev = resolve_device(device)
+        backbone = select(config).from_checkpoint(name_or_path, config, dtype=resolve_dtype(dtype, dev), device=dev,
+                                                  chat_format=chat_format, attn_implementation=attn_implementation,
+                                                  **hub)
+        if adapter:
+            from .adapters import merge_adapter
+
+            merge_adapter(backbone.model, adapter)
+        if anyres_max_tiles is not None:
+            backbone.limit_anyres(int(anyres_max_tiles))
+        log.info("loaded %s (%s, %s format) on %s in %s", name_or_path, type(backbone).__name__,
+                 backbone.chat_format, backbone.device, backbone.dtype)
+        return cls(backbone, **engine_options)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.hidden_size
+
+    # --- worker processes --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the preprocessing workers, if any (they are started again when needed)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "E5V":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the pool's own atexit handler takes over
+            pass
+
+    def _workers(self):
+        """The worker pool for the current preprocessing settings (restarted when they change), or None."""
+        if self.num_workers <= 0:
+            self.close()
+            return None
+        preparer = self._preparer()
+        key = (preparer.key(), self.num_workers)
+        if self._pool is None or self._pool.closed or self._pool_key != key:
+            from .workers import PreparePool
+
+            self.close()
+            self._pool = PreparePool(preparer.shippable(), self.num_workers)
+            self._pool_key = key
+        return self._pool
+
+    # --- public encoders ---------------------------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str] | str, *, prompt: str = prompts.TEXT, **options):
+        """Texts with the E5-V text prompt (or ``prompt``, which must contain ``<sent>``)."""
+        return self.encode([texts] if isinstance(texts, str) else texts, prompt=prompt, **options)
+
+    def encode_image(self, images, *, prompt: str | None = None, task: str | None = None, **options):
+        """Images (paths, bytes or PIL images) with the E5-V image prompt, or the gallery prompt of ``task``."""
+        if prompt is None:
+            prompt = prompts.composed_prompts(task)[1] if task else prompts.IMAGE_PROMPT
+        single = isinstance(images, (str, os.PathLike, bytes, Image.Image))
+        return self.encode([images] if single else list(images), prompt=prompt, **options)
+
+    def encode_composed(self, pairs, *, task: str = "cirr", prompt: str | None = None, **options):
+        """``(reference image, modification text)`` pairs with the query prompt of ``task``."""
+        prompt = prompt or prompts.composed_prompts(task)[0]
+        return self.encode([p if isinstance(p, (Item, dict)) else tuple(p) for p in pairs], prompt=prompt, **options)
+
+    def encode(self, items: Sequence, *, prompt: str, convert_to_tensor: bool = False, precision: str = "float32",
+               show_progress_bar: bool = False):
+        """Embed ``items`` with a user prompt (``<sent>`` for the text, ``<image>`` for the image).
+
+        Returns unit rows in input order: float32 numpy by default, a torch tensor with
+        ``convert_to_tensor=True``, float16 with ``precision="float16"``.  If any item is rejected, raises
+        :class:`BatchInputError` naming each one, with the accepted items' vectors in ``.result``.
+        """
+        if precision not in ("float32", "float16"):
+            raise ConfigError(f"precision must be float32 or float16, not {precision!r}")
+        result = self.embed(items, prompt=prompt, show_progress_bar=show_progress_bar)
+        if result.skipped:
+            raise BatchInputError(result.skipped, result)
+        out = torch.from_numpy(result.vectors)
+        out = out.to(torch.float16) if precision == "float16" else out
+        return out if convert_to_tensor else out.numpy()
+
+    def embed(self, items: Sequence, *, prompt: str, show_progress_bar: bool = False,
+              normalize: bool = True) -> EmbedResult:
+        """Embed what can be embedded; never raises for a bad item (see :class:`EmbedResult`).
+        ``normalize=False``: the raw last-token states (FashionIQ sums two of them before normalising)."""
+        start = time.perf_counter()
+        chunks = list(self.iter_embed(items, prompt=prompt, show_progress_bar=show_progress_bar, normalize=normalize))
+        idx = np.concatenate([c.indices for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+        vec = np.concatenate([c.vectors for c in chunks]) if chunks else np.zeros((0, self.dim), np.float32)
+        skipped = [s for c in chunks for s in c.skipped]  # windows come in input order
+        tokens = np.concatenate([c.tokens for c in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+        return EmbedResult(vec, idx, skipped, time.perf_counter() - start, tokens)
+
+    def iter_embed(self, items: Iterable, *, prompt: str, show_progress_bar: bool = False,
+                   normalize: bool = True) -> Iterator[EmbedResult]:
+        """Stream results window by window (bounded memory): one :class:`EmbedResult` per window, rows in
+        input order, indices into ``items``."""
+        self.check_prompt(prompt)
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items) if hasattr(items, "__len__") else None, unit="item", dynamic_ncols=True)
+        size = self.window or (128 if prompts.IMAGE in prompt else 4096)
+        pool = self._workers()
+        pending: deque = deque()  # windows being prepared by the workers: at most two at a time
+        try:
+            for window in self._windows(items, prompt, size):
+                start = time.perf_counter()
+                if pool is None:
+                    yield self._run_window(self._prepare_window(window, prompt), bar, start, normalize)
+                    continue
+                pending.append((pool.submit(window, prompt), time.perf_counter()))
+                if len(pending) > 1:  # the next window is queued: run this one while it is prepared
+                    handles, t0 = pending.popleft()
+                    yield self._run_window(self._collect(pool, handles), bar, t0, normalize)
+            while pending:
+                handles, t0 = pending.popleft()
+                yield self._run_window(self._collect(pool, handles), bar, t0, normalize)
+        finally:
+            for handles, _ in pending:  # abandoned generator: drop queued work
+                for fut in handles:
+                    fut.cancel()
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _windows(items: Iterable, prompt: str, size: int) -> Iterator[list[tuple[int, Item]]]:
+        window: list[tuple[int, Item]] = []
+        for i, obj in enumerate(items):
+            window.append((i, as_item(obj, i, prompt)))
+            if len(window) >= size:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    # --- internals ---------------------------------------------------------------------------------------
+    def check_prompt(self, prompt: str) -> None:
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError("the prompt must be a non-empty string")
+        if prompt.count(prompts.IMAGE) > 1:
+            raise ConfigError("a prompt may hold at most one <image>")
+        if prompt.count(prompts.SENT) > 1:
+            raise ConfigError("a prompt may hold at most one <sent>")
+
+    def _preparer(self) -> Preparer:
+        return Preparer(self.backbone, self.max_length, self.image_options)
+
+    def prepare(self, item: Item, prompt: str) -> Features:
+        """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
+        return self._preparer().prepare(item, prompt)
+
+    def use_packing(self) -> bool:
+        """Whether batches are packed (see ``packing`` in :class:`E5V`)."""
+        if self.packing == "auto":
+            return self.backbone.supports_packing and self.backbone.attn_implementation in VARLEN_ATTENTION
+        if self.packing and not self.backbone.supports_packing:
+            raise ConfigError(f"packing is not supported for {type(self.backbone).__name__}; use packing=False")
+        return bool(self.packing)
+
+    def plan_batches(self, lengths: Sequence[int], *, packed: bool = False) -> list[list[int]]:
+        """Positions grouped into batches: longest first, each under the token budget (padded size, or the
+        sum of the lengths when ``packed``), of one length each with ``group_lengths`` (padded batches)."""
         order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-        batches, cur = [], []
+        batches, cur, total = [], [], 0
         for k in order:
-            if cur and ((len(cur) + 1) * lengths[cur[0]] > self.max_batch_tokens or len(cur) >= self.max_batch_size):
+            size = total + lengths[k] if packed else (len(cur) + 1) * (lengths[cur[0]] if cur else lengths[k])
+            new_length = self.group_lengths and not packed and cur and lengths[k] != lengths[cur[0]]
+            if cur and (size > self.max_batch_tokens or len(cur) >= self.max_batch_size or new_length):
                 batches.append(cur)
-                cur = []
+                cur, total = [], 0
             cur.append(k)
+            total += lengths[k]
         if cur:
             batches.append(cur)
         return batches
 
-    def _embed_window(self, window: list[tuple[int, Any]], prompt: str, bar) -> EmbedResult:
-        start = time.perf_counter()
-        ok_idx, names, feats, skipped = [], [], [], []
-        for i, obj in window:
-            item = as_item(obj, i, prompt)
+    def _prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
+        prep = Prepared([], [], [], [])
+        preparer = self._preparer()
+        for i, item in window:
             try:
-                feats.append(self.prepare(item, prompt))
-                ok_idx.append(i)
-                names.append(item.name)
+                prep.feats.append(preparer.prepare(item, prompt))
+                prep.ok_idx.append(i)
+                prep.names.append(item.name)
             except InputError as err:
                 log.warning("skipped %s", err)
-                skipped.append((i, err))
+                prep.skipped.append((i, err))
+        return prep
+
+    @staticmethod
+    def _collect(pool, handles) -> Prepared:
+        prep = Prepared([], [], [], [])
+        for i, name, feats, reason in pool.collect(handles):
+            if feats is None:
+                err = InputError(name, reason)
+                log.warning("skipped %s", err)
+                prep.skipped.append((i, err))
+            else:
+                prep.ok_idx.append(i)
+                prep.names.append(name)
+                prep.feats.append(feats)
+        return prep
+
+    def _run_window(self, prep: Prepared, bar, start: float, normalize: bool = True) -> EmbedResult:
+        ok_idx, names, feats, skipped = prep.ok_idx, prep.names, prep.feats, prep.skipped
         if bar is not None and skipped:
             bar.update(len(skipped))
         vectors = np.zeros((len(feats), self.dim), dtype=np.float32)
-        for batch in self.plan_batches([len(f) for f in feats]):
-            vectors[batch] = self.run_batch([feats[k] for k in batch])
+        packed = self.use_packing()
+        for batch in self.plan_batches([len(f) for f in feats], packed=packed):
+            vectors[batch] = self.run_batch([feats[k] for k in batch], packed=packed, normalize=normalize)
             if bar is not None:
                 bar.update(len(batch))
         finite = np.isfinite(vectors).all(axis=1)
@@ -293,14 +460,30 @@ class E5V:
             log.warning("skipped %s", err)
             skipped.append((ok_idx[k], err))
         ok = np.asarray(ok_idx, dtype=np.int64)[finite]
-        return EmbedResult(vectors[finite], ok, sorted(skipped, key=lambda s: s[0]), time.perf_counter() - start)
+        tokens = np.asarray([len(f) for f in feats], dtype=np.int64)[finite]
+        return EmbedResult(vectors[finite], ok, sorted(skipped, key=lambda s: s[0]), time.perf_counter() - start,
+                           tokens)
 
     @torch.inference_mode()
-    def run_batch(self, feats: list[Features]) -> np.ndarray:
-        """One forward pass: collate, run the base model, pool the last position, L2-normalise in fp32."""
+    def run_batch(self, feats: list[Features], *, packed: bool = False, normalize: bool = True) -> np.ndarray:
+        """One forward pass: collate (padded, or packed in one row), run the base model, pool each sequence's
+        last position, L2-normalise in fp32."""
         bb = self.backbone
-        batch = {k: v.to(bb.device) for k, v in bb.collate(feats).items()}
+        if packed:
+            cpu_batch, ends = bb.collate_packed(feats)
+        else:
+            cpu_batch, ends = bb.collate(feats), None
+        batch = to_device(cpu_batch, bb.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(bb.dtype)
-        emb = pool_last(bb.forward(batch)).float()
-        return F.normalize(emb, dim=-1).cpu().numpy()
+        hidden = bb.forward(batch)
+        emb = (hidden[0, ends.to(hidden.device)] if packed else pool_last(hidden)).float()
+        return (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch; to a GPU through pinned host memory with asynchronous copies (the forward pass
+    that follows is queued on the same stream, so it sees the data)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

@@ -281,45 +281,63 @@ def read_texts(path) -> list[Record]:
     return [Record(id=str(i), text=line) for i, line in enumerate(_read_lines(p))]
 
 
-def _image_field(obj: dict, where: str) -> tuple[str, str]:
-    key = "image" if "image" in obj else "path" if "path" in obj else None
-    if key is None:
-        raise InputError(where, 'missing required field "image" (or "path")')
-    return key, _require(obj, key, where)
-
-
-def _read_manifest(p: str) -> list[Record]:
-    base = Path(p).parent
+def _manifest_rows(p: str, texts: bool):
+    """Yield (default id, row, "path:line N") for each data row of a .jsonl, .csv or .parquet manifest."""
     low = p.lower()
-    out = []
     if low.endswith(".jsonl"):
-        for _, obj, where in _read_jsonl(p):
-            key, img = _image_field(obj, where)
-            meta = {k: v for k, v in obj.items() if k not in (key, "id")}
-            out.append(Record(id=_record_id(obj, img), image=_resolve(base, img), meta=meta))
+        yield from _read_jsonl(p)
     elif low.endswith(".csv"):
         rows = csv.DictReader(io.StringIO("\n".join(_read_lines(p)) + "\n", newline=""))
-        cols = rows.fieldnames or []
-        key = "image" if "image" in cols else "path" if "path" in cols else None
-        if key is None:
-            raise InputError(p, 'CSV header needs an "image" or "path" column')
-        for row in rows:
-            where = f"{p}:line {rows.line_num}"
-            img = (row.get(key) or "").strip()
-            if not img:
-                raise InputError(where, f'empty "{key}" value')
-            meta = {k: v for k, v in row.items() if k not in (key, "id") and k is not None}
-            out.append(Record(id=_record_id(row, img), image=_resolve(base, img), meta=meta))
+        if not {"image", "path", *(["text"] if texts else [])} & set(rows.fieldnames or []):
+            raise InputError(p, 'CSV header needs an "image" or "path" column' + (' or a "text" one' if texts else ""))
+        for n, row in enumerate(rows):
+            yield n, {k: v for k, v in row.items() if k is not None}, f"{p}:line {rows.line_num}"
     else:
-        for line in _read_lines(p):
-            img = line.strip()
-            if img:
-                out.append(Record(id=img, image=_resolve(base, img)))
-    return out
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except FileNotFoundError:
+            raise InputError(p, "file not found") from None
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(p, f"not a readable parquet file ({e})") from None
+        for n, row in enumerate(table.to_pylist()):
+            yield n, row, f"{p}:row {n}"
+
+
+def _manifest_record(n: int, row: dict, where: str, base: Path, texts: bool) -> Record:
+    key = next((k for k in ("image", "path") if row.get(k) not in (None, "")), None)
+    if key is None and texts and row.get("text") not in (None, ""):
+        text = _require(row, "text", where)
+        meta = {k: v for k, v in row.items() if k not in ("text", "image", "path", "id")}
+        return Record(id=_record_id(row, n), text=text, meta=meta)
+    if key is None:
+        field_ = next((k for k in ("image", "path") if k in row), None)
+        if field_ is not None:
+            raise InputError(where, f'empty "{field_}" value')
+        raise InputError(where, 'missing required field "image" (or "path")' + (' or "text"' if texts else ""))
+    img = _require(row, key, where).strip()
+    meta = {k: v for k, v in row.items() if k not in (key, "id")}
+    return Record(id=_record_id(row, img), image=_resolve(base, img), meta=meta)
+
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+
+
+def read_manifest(path, *, texts: bool = False) -> list[Record]:
+    """Records of a manifest: one row per item with an optional "id", an "image" (or "path", relative to the
+    manifest) and any other fields as metadata; a ``.jsonl``, ``.csv`` or ``.parquet`` file, or a ``.txt`` list of
+    image paths. With ``texts``, a row without an image and with a "text" is a text item."""
+    p = os.fsdecode(path)
+    base = Path(p).parent
+    if p.lower().endswith(MANIFEST_SUFFIXES):
+        return [_manifest_record(n, row, where, base, texts) for n, row, where in _manifest_rows(p, texts)]
+    return [Record(id=img, image=_resolve(base, img)) for img in (ln.strip() for ln in _read_lines(p)) if img]
 
 
 def list_images(spec: str) -> list[Record]:
-    """Image records from an image file, a folder (recursive), a glob, or a .jsonl/.csv/.txt manifest.
+    """Image records from an image file, a folder (recursive), a glob, or a .jsonl/.csv/.parquet/.txt manifest.
 
     Order is sorted so that runs are reproducible; existence of manifest entries is checked at load time.
     """
@@ -335,8 +353,8 @@ def list_images(spec: str) -> list[Record]:
             raise InputError(spec, "no image files found")
         return [Record(id=r, image=str(root / r)) for r in sorted(rels)]
     if os.path.isfile(spec):
-        if spec.lower().endswith((".jsonl", ".csv", ".txt")):
-            return _read_manifest(spec)
+        if spec.lower().endswith((*MANIFEST_SUFFIXES, ".txt")):
+            return read_manifest(spec)
         return [Record(id=spec, image=spec)]
     if _GLOB_CHARS & set(spec):
         # An explicit pattern is taken at its word: a non-image match is reported at load time, not dropped.

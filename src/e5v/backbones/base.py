@@ -6,6 +6,7 @@ it from the checkpoint's ``config.model_type`` (see ``backbones/__init__.py``).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -53,6 +54,8 @@ class Backbone:
 
     #: Which side batches are padded on. Last-token pooling needs "left"; only tests change it.
     padding_side: str = "left"
+    #: Whether :meth:`collate_packed` is valid for this family (1-D position ids, restarting per sequence).
+    supports_packing: ClassVar[bool] = True
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
         tokenizer.padding_side = "left"
@@ -96,6 +99,16 @@ class Backbone:
     def detect_chat_format(cls, tokenizer) -> str:
         return cls.chat_formats[0]
 
+    def without_model(self) -> "Backbone":
+        """A copy that shares the tokenizer and image processing but holds no model (for worker processes)."""
+        clone = copy.copy(self)
+        clone.model = None
+        return clone
+
+    def limit_anyres(self, max_tiles: int) -> None:
+        """Speed option of tiled-image families (see LLaVA-NeXT); others have no AnyRes grid to cap."""
+        raise ConfigError(f"{type(self).__name__} has no AnyRes tiles to cap")
+
     # --- prompts -------------------------------------------------------------------------------------
     def render(self, inner_prompt: str) -> str:
         """Wrap a task prompt in the chat format and swap ``<image>`` for this family's image marker."""
@@ -123,6 +136,22 @@ class Backbone:
             batch.update(self.stack_images(with_images))
         return batch
 
+    def collate_packed(self, items: list[Features]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """All sequences in one row, no padding, and the position of each one's last token.
+
+        Position ids restart at 0 for each sequence and no attention mask is passed: transformers then builds
+        a block-diagonal causal mask from the position ids (varlen for FlashAttention-2, a block mask for
+        FlexAttention, a dense boolean mask for SDPA and eager). Each sequence sees exactly what it sees alone,
+        at the same positions, so the vectors equal the padded path's.
+        """
+        lengths = torch.tensor([len(f) for f in items])
+        batch = {"input_ids": torch.cat([f.input_ids for f in items])[None],
+                 "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None]}
+        with_images = [f.images for f in items if f.images]
+        if with_images:
+            batch.update(self.stack_images(with_images))
+        return batch, lengths.cumsum(0) - 1
+
     def stack_images(self, images: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {k: torch.cat([im[k] for im in images]) for k in images[0]}
 
@@ -131,6 +160,11 @@ class Backbone:
         return self.model.model(**batch, use_cache=False).last_hidden_state
 
     # --- facts ---------------------------------------------------------------------------------------
+    @property
+    def attn_implementation(self) -> str | None:
+        """The language model's attention implementation (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+        return getattr(self.model.config.text_config, "_attn_implementation", None)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -45,3 +45,22 @@ class QwenVLBackbone(Backbone):
         batch = super().collate(items)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         return batch
+
+    def collate_packed(self, items):
+        """Packed row with M-RoPE: each sequence's 3-D positions computed alone (as the padded path does), under
+        a first row of plain per-sequence positions that transformers reads to build the block-diagonal mask."""
+        batch, ends = super().collate_packed(items)
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        rows = []
+        for f in items:
+            ids = f.input_ids[None]
+            text = torch.arange(len(f)).view(1, 1, -1)
+            if "image_grid_thw" in f.images:
+                pos, _ = self.model.model.get_rope_index(ids, (ids == self.image_token_id).int(),
+                                                         image_grid_thw=f.images["image_grid_thw"],
+                                                         attention_mask=torch.ones_like(ids))
+            else:
+                pos = text.expand(3, 1, -1)
+            rows.append(torch.cat([text, pos.to(text.dtype)], dim=0))
+        batch["position_ids"] = torch.cat(rows, dim=2)
+        return batch, ends

@@ -1,0 +1,121 @@
+"""One training step of E5-V's recipe on the Llama-3-8B shape (random weights), two ways in the same run:
+
+- ``plain``: the plain transformers + peft step (the GPU anchor: 123 sentences/s on one H100): one forward of
+  the whole contrastive batch with gradient checkpointing, InfoNCE, backward, AdamW;
+- ``e5v``: e5v's step: GradCache chunks of ``--chunk`` sequences without checkpointing (chunks of sorted
+  lengths), same loss and gradients.
+
+Weights are random (speed does not depend on their values), built from configs/llama3-llava-next-8b/config.json
+(``text_config``); LoRA r=64 alpha=16 dropout 0.05 on q,k,v,o,gate,up,down; sentences of ``--tokens`` tokens
+(prompt included), a third of them hard negatives. Prints one JSON line per path.
+
+GPU:   python benchmarks/train_step.py --device cuda --dtype bfloat16 --triplets 128 --chunk 96
+CPU:   python benchmarks/train_step.py --tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama3-llava-next-8b" / "config.json"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=1000, bos_token_id=None, eos_token_id=None)
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaModel
+
+    text = json.loads(CONFIG.read_text())["text_config"]
+    if args.tiny:
+        text.update(TINY)
+    config = LlamaConfig(**{k: v for k, v in text.items() if k != "model_type"})
+    config.use_cache = False
+    if args.attn:
+        config._attn_implementation = args.attn
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        lm = LlamaModel(config).to(dtype)
+    return lm, config
+
+
+def run(args) -> list[dict]:
+    from e5v.train.gradcache import contrastive_step
+    from e5v.train.model import add_lora, make_encoder
+
+    device = torch.device(args.device)
+    lm, config = build(args)
+    model = add_lora(lm, r=args.lora_r, alpha=16, dropout=0.05, gradient_checkpointing=False)
+    dtype = getattr(torch, args.dtype)
+    encode = make_encoder(torch.compile(lm) if args.compile else lm, 0, device=device,
+                          autocast=dtype if dtype != torch.float32 else None)
+    opt = torch.optim.AdamW(model.trainable, lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    n = args.triplets
+
+    def sents(k):
+        return torch.randint(10, config.vocab_size, (k, args.tokens), generator=g).tolist()
+
+    batch = (sents(n), sents(n), sents(n))
+    results = []
+    for name, chunk, ckpt in (("plain", 3 * n, True), ("e5v", args.chunk, args.e5v_checkpointing)):
+        if name == "plain" and args.skip_plain:
+            continue
+        if ckpt:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.lm.gradient_checkpointing_disable()
+        model.lm.train()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(args.warmup + args.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            res = contrastive_step(encode, *batch, chunk_size=chunk, sort_by_length=True, device=device)
+            torch.nn.utils.clip_grad_norm_(model.trainable, 1.0)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        sec = sorted(times)[len(times) // 2]
+        results.append({"path": name, "triplets": n, "tokens": args.tokens, "chunk_sequences": min(chunk, 3 * n),
+                        "chunks": res.chunks, "checkpointing": ckpt, "sentences_per_s": round(3 * n / sec, 2),
+                        "step_s": round(sec, 4), "loss": round(res.loss, 4), "device": str(device),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                        "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+                        if device.type == "cuda" else None, "dtype": args.dtype, "tiny": args.tiny,
+                        "compile": args.compile})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--tiny", action="store_true", help="a tiny config of the same family (CPU smoke run)")
+    p.add_argument("--triplets", type=int, default=128, help="contrastive batch, in triplets")
+    p.add_argument("--tokens", type=int, default=44, help="tokens per sentence, prompt included")
+    p.add_argument("--chunk", type=int, default=96, help="e5v: sequences per GradCache chunk")
+    p.add_argument("--e5v-checkpointing", action="store_true", help="e5v: also checkpoint (bigger chunks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the language model")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--skip-plain", action="store_true")
+    args = p.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

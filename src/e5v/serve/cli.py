@@ -1,0 +1,91 @@
+"""``e5v serve``: the embeddings API, search over an index, and the search page, on one port."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+MiB = 1 << 20
+
+
+def add_parsers(sub) -> None:
+    from ..cli import add_model_args
+
+    p = sub.add_parser(
+        "serve", help="serve an OpenAI-style embeddings API, search over an index, and a search page",
+        description="Serve POST /v1/embeddings (OpenAI shape; images as chat messages with image_url data URIs, "
+                    "as vLLM accepts), POST /v1/search and the search page at / (with --index), GET /health "
+                    "and GET /metrics. Requests from all clients are batched together on the model.")
+    add_model_args(p)
+    p.add_argument("--index", help="index directory (e5v index build) to search and show on the page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("E5V_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $E5V_API_KEY)")
+    p.add_argument("--served-model-name", help="name clients send as 'model' (default: the --model value)")
+    p.add_argument("--allow-local-paths", nargs="+", default=[], metavar="DIR",
+                   help="let requests name image files under these folders (off by default)")
+    p.add_argument("--allow-urls", nargs="+", default=[], metavar="PREFIX",
+                   help="let requests name image URLs starting with these prefixes, e.g. https://cdn.example.com/img/ "
+                        "(off by default; redirects are not followed)")
+    lim = p.add_argument_group("limits per request")
+    lim.add_argument("--max-items", type=int, default=64, help="items per /v1/embeddings request (default 64)")
+    lim.add_argument("--max-body-mb", type=float, default=32, help="request body size in MiB (default 32)")
+    lim.add_argument("--max-image-mb", type=float, default=16, help="encoded size of one image in MiB (default 16)")
+    lim.add_argument("--max-pixels", type=int, default=40_000_000,
+                     help="width x height of one image, checked before decoding (default 40M)")
+    lim.add_argument("--max-text-chars", type=int, default=20_000, help="characters of one text (default 20000)")
+    lim.add_argument("--max-k", type=int, default=100, help="largest k for /v1/search (default 100)")
+    bat = p.add_argument_group("batching")
+    bat.add_argument("--max-batch-items", type=int, default=256, help="items merged into one model call")
+    bat.add_argument("--max-queue-items", type=int, default=4096, help="items waiting before 503 'busy'")
+    bat.add_argument("--batch-wait-ms", type=float, default=2.0,
+                     help="how long the model waits for more requests to merge (default 2 ms)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from ..cli import load_model
+    from .app import Settings, create_app
+    from .payload import Limits
+    from .server import LOOPBACK, config
+
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"e5v serve: warning: binding {args.host} without --api-key: anyone who can reach this port can use "
+              "the model", file=sys.stderr)
+    for d in args.allow_local_paths:
+        if not os.path.isdir(d):
+            print(f"e5v serve: error: --allow-local-paths {d}: not a folder", file=sys.stderr)
+            return 2
+    limits = Limits(max_items=args.max_items, max_body_bytes=int(args.max_body_mb * MiB),
+                    max_image_bytes=int(args.max_image_mb * MiB), max_pixels=args.max_pixels,
+                    max_text_chars=args.max_text_chars, max_k=args.max_k)
+    settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key, limits=limits,
+                        allow_paths=tuple(args.allow_local_paths), allow_urls=tuple(args.allow_urls),
+                        max_batch_items=args.max_batch_items, max_queue_items=args.max_queue_items,
+                        batch_wait_ms=args.batch_wait_ms)
+    index = None
+    if args.index:
+        from ..store import open_index
+
+        index = open_index(args.index)
+        if index.info.get("model") != args.model or index.info.get("adapter") != args.adapter:
+            print(f"e5v serve: warning: the index was built with {index.info.get('model')} (adapter "
+                  f"{index.info.get('adapter')}); queries are embedded with {args.model} (adapter {args.adapter})",
+                  file=sys.stderr)
+    model = load_model(args)
+    app = create_app(model, settings, index)
+    import uvicorn
+
+    what = f", index {args.index} ({index.info.get('count')} items)" if index is not None else ""
+    print(f"serving {settings.model_name} ({model.dim}-d){what} on http://{args.host}:{args.port}", flush=True)
+    server = uvicorn.Server(config(app, args.host, args.port, log_level="info" if args.verbose else "warning"))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised Ctrl-C
+        pass
+    m = app.state.metrics
+    requests = sum(m.requests.values())
+    errors = sum(n for (_, status), n in m.requests.items() if status >= 400)
+    print(f"stopped: served {requests} requests ({errors} errors), embedded {sum(m.items.values())} items")
+    return 0 if server.started else 1

@@ -1,0 +1,24 @@
+"""E5-V's text-only contrastive training: LoRA on the language model, InfoNCE over the global batch with hard
+negatives, GradCache, multi-process (torchrun / accelerate launch), exact resume; ``e5v train`` and ``e5v merge``.
+
+``from e5v.train import TrainConfig, make_config, train`` (imports torch/transformers lazily)."""
+from __future__ import annotations
+
+
+def __getattr__(name):
+    if name in ("TrainConfig", "make_config", "read_config_file"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "train":
+        from .trainer import train
+
+        return train
+    if name == "merge":
+        from .merge import merge
+
+        return merge
+    raise AttributeError(name)
+
+
+__all__ = ["TrainConfig", "make_config", "read_config_file", "train", "merge"]

@@ -1,0 +1,148 @@
+"""The model side of training: the language model of a multimodal checkpoint with LoRA, and its encoder.
+
+E5-V trains the LLM alone: the vision tower and projector are not loaded (the checkpoint's other weights are
+never read), unless ``load_vision=True`` asks for the whole multimodal model. The adapter is saved in the
+layout of a causal LM (``base_model.model.model.layers.*``, the official layout), which
+:func:`e5v.adapters.merge_adapter` and ``E5V.from_pretrained(..., adapter=DIR)`` accept.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters import _CausalLMView
+from ..errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: Keys of a multimodal checkpoint's language model, in the layouts transformers writes (v4 llava-hf and v5).
+LM_KEY_MAPPING = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
+
+
+def wants_4bit(option, device: torch.device) -> bool:
+    """``load_in_4bit``: True, False or "auto" (QLoRA when bitsandbytes and a GPU are present)."""
+    if option in (True, "true", "yes", "1"):
+        if device.type != "cuda":
+            raise ConfigError("4-bit QLoRA needs a CUDA GPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+        return True
+    if option in (False, "false", "no", "0"):
+        return False
+    if option != "auto":
+        raise ConfigError(f"load_in_4bit must be true, false or auto, not {option!r}")
+    if device.type != "cuda":
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, load_in_4bit=False,
+                        load_vision: bool = False, attn_implementation: str | None = None, **hub):
+    """(base language model without lm_head, tokenizer, config of the checkpoint)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(path, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the config and tokenizer of {path!r}: {exc}") from exc
+    kwargs: dict = dict(dtype=dtype, **hub)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    if device.type != "cpu":
+        kwargs["device_map"] = str(device)
+    multimodal = getattr(config, "text_config", None) is not None
+    if load_vision and multimodal:
+        model = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+        lm = model.model.language_model
+    else:
+        text_config = config.text_config if multimodal else config
+        if multimodal:
+            kwargs["key_mapping"] = LM_KEY_MAPPING
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the skipped vision weights are reported as "unexpected": by design
+        try:
+            lm, info = AutoModel.from_pretrained(path, config=text_config, output_loading_info=True, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if info.get("missing_keys"):
+            raise ModelLoadError(f"{path}: language-model weights missing from the checkpoint: "
+                                 f"{sorted(info['missing_keys'])[:5]}")
+        model = lm
+    lm.config.use_cache = False
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    log.info("loaded the language model of %s (%s, %s%s)", path, type(lm).__name__, dtype,
+             ", 4-bit NF4" if load_in_4bit else "")
+    return lm, tokenizer, config
+
+
+@dataclass
+class LoraModel:
+    """The trainable model: the peft wrapper (what is saved) and the base LM the encoder runs."""
+
+    peft: torch.nn.Module
+    lm: torch.nn.Module
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.peft.named_parameters() if p.requires_grad}
+
+
+def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
+             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+             gradient_checkpointing: bool = True) -> LoraModel:
+    """LoRA on the language model's linear layers named in ``targets`` (E5-V: all seven of every layer)."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.24 on
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=list(targets))
+    peft = get_peft_model(_CausalLMView(lm), config)
+    found = sum(1 for n, _ in peft.named_modules() if n.endswith("lora_A"))
+    if not found:
+        raise ConfigError(f"no LoRA target matched {list(targets)} in {type(lm).__name__}")
+    peft.train()
+    model = LoraModel(peft, lm)
+    log.info("LoRA r=%d alpha=%d dropout=%s on %d modules: %d trainable parameters", r, alpha, dropout, found,
+             sum(p.numel() for p in model.trainable))
+    return model
+
+
+def make_encoder(lm, pad_id: int, *, device: torch.device, official_quirks: bool = False, autocast=None):
+    """Token-id lists -> last-token final hidden states (fp32), through the (LoRA-wrapped) base LM."""
+    from .data import collate
+
+    def encode(seqs: list[list[int]]) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in collate(seqs, pad_id, official_quirks=official_quirks).items()}
+        with torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext():
+            hidden = lm(**batch, use_cache=False).last_hidden_state[:, -1]
+        return hidden.float()
+
+    return encode

@@ -1,0 +1,315 @@
+"""The training loop: E5-V's text-only contrastive recipe, on one process or many (torchrun, accelerate launch,
+the deepspeed launcher).
+
+One optimiser step = one global contrastive batch (``batch_size`` triplets, split across processes), run through
+:func:`e5v.train.gradcache.contrastive_step`; gradients summed over processes, clipped, AdamW, linear warm-up
+then linear decay. How the processes share the work (plain all-reduce, DeepSpeed ZeRO-2/3, FSDP2) is a
+strategy of :mod:`e5v.train.parallel`; all of them compute the same step. Everything a step depends on is a function of (seed, step): the batch's rows and the
+dropout seed. So a run killed at any moment and restarted from its last checkpoint (trainable weights,
+optimiser, scheduler and loss-scaler state, written atomically) ends with the same adapter as a run that was
+never interrupted.
+
+Output directory: ``checkpoints/step-NNNNNN/`` (adapter + trainer state), ``adapter/`` (the final LoRA
+adapter), ``log.jsonl`` (one record per logged step), ``tensorboard/`` when TensorBoard is installed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .config import TrainConfig
+from .data import PromptBuilder, batch_indices, read_triplets, shard, steps_per_epoch
+from .gradcache import contrastive_step
+from .loss import world
+from .model import add_lora, load_language_model, make_encoder, wants_4bit
+from .parallel import make_strategy, require_deepspeed
+
+log = logging.getLogger(__name__)
+
+#: Settings a resumed run may change (they do not change what is computed, or only its speed/memory use).
+RESUMABLE_CHANGES = frozenset({"progress", "logging_steps", "save_steps", "save_total_limit", "tensorboard",
+                               "device", "compile", "attn_implementation", "micro_batch_size", "sort_by_length",
+                               "gradient_checkpointing", "output_dir"})
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank). Starts torch.distributed when launched by torchrun / accelerate launch
+    (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPU."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank, size = world()
+    return rank, size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_train_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: the mixed precision of an ``accelerate launch`` yaml when it sets one, else bf16 on a GPU that
+    has it, fp16 on one that does not, fp32 on CPU."""
+    from ..encoder import resolve_dtype
+
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""), "auto")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return resolve_dtype(name, device)
+
+
+def lr_lambda(warmup: int, total: int):
+    """HF's linear schedule: 0 -> 1 over ``warmup`` steps, then linearly to 0 at ``total``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+class Logger:
+    """One record per logged step to the console (logging), ``log.jsonl`` and TensorBoard (when installed)."""
+
+    def __init__(self, out: Path, start_step: int, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = out / "log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # a resumed run: drop records past the checkpoint, they are redone
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            from ..parts import atomic_write_bytes
+
+            atomic_write_bytes(self.path, "".join(k + "\n" for k in keep).encode())
+        self.fh = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                log.info("TensorBoard is not installed; logging to %s only", self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        log.info("step %(step)d/%(total)d loss %(loss).4f lr %(lr).3g grad-norm %(grad_norm).3g "
+                 "%(sentences_per_s).1f sentences/s (%(candidates)d candidates per anchor)", record)
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "sentences_per_s"):
+                self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return sorted(root.glob("step-*")) if root.exists() else []
+
+
+def save_adapter_dir(peft, dest: Path, weights: dict) -> None:
+    """Save the adapter (``weights``: full LoRA tensors by name) to ``dest`` atomically (written beside it, then
+    renamed into place)."""
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft.save_pretrained(str(tmp), state_dict=weights)
+    _fsync_dir_files(tmp)
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def save_checkpoint(out: Path, step: int, cfg: TrainConfig, model, strategy, rank: int, size: int) -> None:
+    """Adapter + trainer state (+ DeepSpeed's files) into ``checkpoints/step-N``, written beside it and renamed
+    into place. A collective: every process calls it (sharded weights and optimizer state are gathered)."""
+    dest = out / "checkpoints" / f"step-{step:06d}"
+    tmp = dest.parent / f".tmp-{dest.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(size)
+    weights = strategy.full_weights()
+    state = strategy.save(tmp)
+    _barrier(size)
+    if rank == 0:
+        model.peft.save_pretrained(str(tmp), state_dict=weights)
+        torch.save({"step": step, **state}, tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        _fsync_dir_files(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+        for old in checkpoint_dirs(out)[:-max(1, cfg.save_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s", dest)
+    _barrier(size)
+
+
+def read_checkpoint(ckpt: Path, cfg: TrainConfig, model) -> dict:
+    """Check the settings, put the checkpoint's LoRA weights into the (not yet wrapped) model; the trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    if diff:
+        raise ConfigError(f"{ckpt} was written with other settings ({', '.join(diff)}); use the same settings "
+                          "to resume, or another output_dir to start afresh")
+    weights = load_file(str(ckpt / "adapter_model.safetensors"), device=str(model.trainable[0].device))
+    result = set_peft_model_state_dict(model.peft, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ConfigError(f"{ckpt}: adapter does not fit the model ({result.unexpected_keys[:3]})")
+    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def _barrier(size: int) -> None:
+    if size > 1:
+        torch.distributed.barrier()
+
+
+def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def detect_chat_format(config, tokenizer) -> str:
+    if getattr(config, "text_config", None) is not None:
+        from ..backbones import select
+
+        return select(config).detect_chat_format(tokenizer)
+    return "llama3" if "<|start_header_id|>" in tokenizer.get_vocab() else "vicuna"
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the directory of the final adapter."""
+    cfg.validate()
+    if cfg.deepspeed:
+        require_deepspeed()  # fail before loading anything
+    rank, size, local_rank = init_distributed()
+    device = pick_device(cfg, local_rank)
+    dtype = resolve_train_dtype(cfg.dtype, device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    triplets = read_triplets(cfg.data)
+
+    quant = wants_4bit(cfg.load_in_4bit, device)
+    lm, tokenizer, config = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
+                                                load_vision=cfg.load_vision,
+                                                attn_implementation=cfg.attn_implementation or None)
+    builder = PromptBuilder(tokenizer, cfg.chat_format or detect_chat_format(config, tokenizer), cfg.prompt or None,
+                            cutoff_len=cfg.cutoff_len, official_quirks=cfg.official_quirks)
+    pad_id = tokenizer.eos_token_id if cfg.official_quirks or tokenizer.pad_token_id is None \
+        else tokenizer.pad_token_id
+    torch.manual_seed(cfg.seed)  # the LoRA initialisation
+    model = add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets,
+                     gradient_checkpointing=cfg.gradient_checkpointing)
+    ckpts = checkpoint_dirs(out)
+    state = read_checkpoint(ckpts[-1], cfg, model) if ckpts else None  # weights in before any sharding
+
+    per_epoch = steps_per_epoch(len(triplets), cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+    def make_optimizer(params):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
+
+    strategy = make_strategy(cfg, model, make_optimizer, make_scheduler, dtype=dtype, device=device,
+                             world_size=size, quantized=quant)
+    start = 0
+    if state is not None:
+        strategy.load(ckpts[-1], state)
+        start = int(state["step"])
+        log.info("resumed from %s (step %d)", ckpts[-1], start)
+    runner = torch.compile(strategy.runner) if cfg.compile else strategy.runner
+    # Mixed precision: the base LM is stored in ``dtype``; LoRA weights stay fp32 (peft) under autocast.
+    autocast = dtype if dtype != torch.float32 else None
+    encode = make_encoder(runner, pad_id, device=device, official_quirks=cfg.official_quirks, autocast=autocast)
+
+    logger = Logger(out, start, enabled=rank == 0, tensorboard=cfg.tensorboard)
+    if rank == 0:
+        log.info("%d pairs, %d steps per epoch, %d steps (from step %d); global batch %d triplets on %d "
+                 "process(es) (%s), %d sequences per forward pass", len(triplets), per_epoch, total, start,
+                 cfg.batch_size, size, strategy.name, cfg.micro_batch_size)
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed + 7919 * step + 104729 * rank)  # dropout: a function of (seed, step, rank)
+            rows = [triplets[i] for i in batch_indices(len(triplets), cfg.batch_size, step, cfg.seed)]
+            local = shard(rows, rank, size)
+            strategy.zero_grad()
+            res = contrastive_step(
+                encode, builder([t.anchor for t in local]), builder([t.positive for t in local]),
+                builder([t.negative for t in local if t.negative is not None]),
+                temperature=cfg.temperature, chunk_size=cfg.micro_batch_size, sort_by_length=cfg.sort_by_length,
+                device=device, backward=strategy.backward)
+            if not math.isfinite(res.loss):
+                raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
+                                         "bfloat16/float32 or a lower learning rate")
+            lr = strategy.scheduler.get_last_lr()[0]
+            try:
+                grad_norm = strategy.step()
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"step {step + 1}: {exc}") from None
+            done = step + 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            sentences = 2 * len(rows) + sum(t.negative is not None for t in rows)
+            if done % cfg.logging_steps == 0 or done == total:
+                logger.write({"step": done, "total": total, "epoch": round(done / per_epoch, 4), "loss": res.loss,
+                              "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
+                              "candidates": res.candidates, "chunks": res.chunks, "seconds": seconds})
+            if bar is not None:
+                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}", sent_s=f"{sentences / seconds:.0f}")
+                bar.update(1)
+            if done % cfg.save_steps == 0 or done == total:
+                save_checkpoint(out, done, cfg, model, strategy, rank, size)
+        final = out / "adapter"
+        weights = strategy.full_weights()
+        if rank == 0:
+            save_adapter_dir(model.peft, final, weights)
+            log.info("adapter saved to %s", final)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    if size > 1:
+        torch.distributed.barrier()
+    return final

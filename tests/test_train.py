@@ -1,0 +1,323 @@
+"""Training: data and prompts, the loss, GradCache, 2 processes vs 1, learning, resume after kill -9, merge."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e5v import prompts
+from e5v.errors import ConfigError, InputError
+from e5v.train.config import make_config
+from e5v.train.data import PromptBuilder, batch_indices, collate, read_triplets, shard
+
+WORKER = str(Path(__file__).with_name("train_worker.py"))
+TOPICS = ["dog", "cat", "car", "house", "tree", "river", "guitar", "soccer", "bread", "train", "snow", "phone"]
+
+
+def triplet(i: int) -> tuple[str, str, str]:
+    """Anchor, paraphrase, hard negative (same frame, another topic): a random model prefers the negative."""
+    t, u = TOPICS[i % 12], TOPICS[(i * 5 + 3) % 12]
+    u = TOPICS[(i + 1) % 12] if u == t else u
+    return f"a {t} is here number {i}", f"there is a {t} {i}", f"a {u} is here number {i}"
+
+
+def write_csv(path: Path, rows) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sent0", "sent1", "hard_neg"])
+        w.writerows(rows)
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+
+# --- data -------------------------------------------------------------------------------------------------
+def test_readers_csv_jsonl_parquet(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [("a, with comma", "b", "c"), ("d", "e", ""), ("", "f", "g"), ("h", "i", "j")]
+    got = read_triplets(write_csv(tmp_path / "d.csv", rows))
+    assert [(t.anchor, t.positive, t.negative) for t in got] == [("a, with comma", "b", "c"), ("d", "e", None),
+                                                                  ("h", "i", "j")]
+    assert "d.csv:line 4" in caplog.text and "sent0" in caplog.text  # the bad row is named, the others kept
+    (tmp_path / "d.jsonl").write_text('{"sent0": "x", "sent1": "y"}\n{"sent0": "p", "sent1": "q", "hard_neg": "r"}\n')
+    assert [t.negative for t in read_triplets(tmp_path / "d.jsonl")] == [None, "r"]
+    pq.write_table(pa.table({"sent0": ["x"], "sent1": ["y"], "hard_neg": [None]}), tmp_path / "d.parquet")
+    assert read_triplets(tmp_path / "d.parquet")[0].positive == "y"
+    (tmp_path / "bad.csv").write_text("text,label\nx,1\n")
+    with pytest.raises(InputError, match="sent0 and sent1"):
+        read_triplets(tmp_path / "bad.csv")
+    with pytest.raises(InputError, match=".csv, .jsonl or .parquet"):
+        read_triplets(tmp_path / "d.txt")
+
+
+def test_prompt_real_special_tokens_cutoff_and_official_quirks(tiny_dirs):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["e5v-like"])
+    b = PromptBuilder(tok, "llama3")
+    s = "A man is playing a guitar."
+    assert b.text(s) == prompts.LLAMA3_CHAT.format(prompts.TEXT).replace("<sent>", s)  # the inference prompt
+    ids = b([s])[0]
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
+    assert tok.convert_tokens_to_ids("<|start_header_id|>") in ids  # a real special token, not text
+    long = " ".join(["water"] * 80)
+    cut = b.cut(long)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) == 32 and long.startswith(cut)
+    q = PromptBuilder(tok, "llama3", official_quirks=True)
+    assert q.text(s) == ("<|start header id|>user<|end header id|>\n\nA man is playing a guitar.\nSummary above "
+                         "sentence in one word:<|eot id|><|start header id|>assistant<|end header id|>")
+    assert tok.convert_tokens_to_ids("<|start_header_id|>") not in q([s])[0]
+    # collator: padding masked by default; the official collator attends to it (mask = ids > 0)
+    plain = collate([[5, 6, 7], [8]], pad_id=3)
+    assert plain["attention_mask"].tolist() == [[0, 0, 1, 1, 1][2:], [0, 0, 1]]
+    quirk = collate([[5, 6, 0], [8]], pad_id=3, official_quirks=True)
+    assert quirk["input_ids"].shape[1] == 8 and quirk["attention_mask"][1].tolist() == [1] * 8
+    assert quirk["attention_mask"][0, -1] == 0  # a real token of id 0 is masked
+
+
+def test_batches_deterministic_and_sharded():
+    a = [batch_indices(10, 4, s, seed=1) for s in range(6)]
+    assert a == [batch_indices(10, 4, s, seed=1) for s in range(6)]
+    assert sorted(sum(a[:3], [])) == list(range(10)) and len(a[2]) == 2  # one epoch covers every row once
+    assert a[:3] != a[3:]  # reshuffled each epoch
+    rows = list(range(7))
+    assert shard(rows, 0, 2) + shard(rows, 1, 2) == rows
+
+
+def test_config_file_flags_and_errors(tmp_path):
+    import argparse
+
+    from e5v.train.cli import add_parsers
+
+    (tmp_path / "c.yaml").write_text("model: m\ndata: d.csv\nbatch_size: 32\nlearning_rate: 1e-4\n"
+                                     "gradient_checkpointing: false\n")
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="verb"))
+    from e5v.train.config import config_from_args
+
+    args = parser.parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--batch-size", "64"])
+    cfg = config_from_args(args)
+    assert (cfg.batch_size, cfg.learning_rate, cfg.gradient_checkpointing, cfg.temperature) == (64, 1e-4, False, 0.05)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.warmup_steps, cfg.cutoff_len) == (64, 16, 0.05, 100, 32)
+    with pytest.raises(ConfigError, match="unknown training setting 'batchsize'"):
+        make_config({"batchsize": 3})
+    with pytest.raises(ConfigError, match="temperature"):
+        make_config(model="m", data="d", temperature=0).validate()
+
+
+def test_deepspeed_asked_without_package_is_a_clear_error(monkeypatch):
+    from e5v.train.trainer import train
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed: its import raises ImportError
+    with pytest.raises(ConfigError, match="pip install deepspeed"):
+        train(make_config(model="m", data="d", deepspeed="configs/deepspeed/zero2.json"))
+
+
+# --- loss and GradCache -----------------------------------------------------------------------------------
+def test_info_nce_matches_formula():
+    from e5v.train.loss import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (torch.randn(5, 8, generator=g) for _ in range(3))
+    n = n[:3]  # two pairs without a hard negative
+    cos = lambda x, y: torch.nn.functional.cosine_similarity(x[:, None], y[None], dim=-1)  # noqa: E731
+    logits = torch.cat([cos(a, p), cos(a, n)], 1) / 0.05
+    want = -(logits.diagonal() - logits.logsumexp(1)).mean()
+    assert torch.allclose(info_nce(a, p, n, 0.05), want, atol=1e-5)
+
+
+def _lora_grads(tiny_dir, rows, *, chunk, sort, checkpointing=False):
+    from train_worker import lora_model
+
+    from e5v.train.gradcache import contrastive_step
+    from e5v.train.model import make_encoder
+
+    lm, tok, model = lora_model(str(tiny_dir), checkpointing=checkpointing)
+    b = PromptBuilder(tok, "llama3")
+    res = contrastive_step(make_encoder(lm, tok.pad_token_id, device=torch.device("cpu")),
+                           b([r[0] for r in rows]), b([r[1] for r in rows]), b([r[2] for r in rows if r[2]]),
+                           chunk_size=chunk, sort_by_length=sort)
+    return res, {n: p.grad.clone() for n, p in model.named_trainable().items()}
+
+
+def test_gradcache_equals_plain_large_batch_loss(tiny_dirs):
+    rows = [triplet(i) for i in range(6)] + [("a very long anchor sentence about a dog in a park", "dog", "")]
+    plain, g0 = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=1000, sort=False)
+    assert plain.chunks == 1 and plain.candidates == 7 + 6
+    for chunk, sort, ckpt in [(4, False, False), (3, True, False), (5, True, True)]:
+        res, g = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=chunk, sort=sort, checkpointing=ckpt)
+        assert res.chunks > 1 and abs(res.loss - plain.loss) < 1e-5
+        assert max(float((g[k] - g0[k]).abs().max()) for k in g0) < 1e-5
+        assert max(float(g0[k].abs().max()) for k in g0) > 1e-3  # the gradients are not trivially zero
+    sorted_res, _ = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=3, sort=True)
+    unsorted_res, _ = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=3, sort=False)
+    assert sorted_res.padded_tokens < unsorted_res.padded_tokens  # sorting removes padding
+
+
+def test_gradcache_replays_dropout(tiny_dirs):
+    """With LoRA dropout on, pass 3 must see pass 1's masks: the embeddings of both passes are identical."""
+    from train_worker import lora_model
+
+    from e5v.train.gradcache import contrastive_step
+    from e5v.train.model import make_encoder
+
+    lm, tok, _ = lora_model(str(tiny_dirs["e5v-like"]), dropout=0.5, b_std=0.5)
+    b = PromptBuilder(tok, "llama3")
+    encode = make_encoder(lm, tok.pad_token_id, device=torch.device("cpu"))
+    seen = []
+    rows = [triplet(i) for i in range(4)]
+    contrastive_step(lambda seqs: _record(encode, seqs, seen),
+                     b([r[0] for r in rows]), b([r[1] for r in rows]), b([r[2] for r in rows]), chunk_size=5)
+    half = len(seen) // 2
+    assert half == 3 and all(torch.equal(x, y) for x, y in zip(seen[:half], seen[half:]))
+    assert not torch.equal(encode(b([rows[0][0]])), encode(b([rows[0][0]])))  # dropout is really on
+
+
+def _record(encode, seqs, seen):
+    out = encode(seqs)
+    seen.append(out.detach().clone())
+    return out
+
+
+# --- 2 processes == 1 process --------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tiny_dirs, tmp_path):
+    import train_worker
+
+    data = write_csv(tmp_path / "d.csv", [triplet(i) for i in range(5)] + [("lonely anchor", "its pair", "")])
+    train_worker.grads(str(tiny_dirs["e5v-like"]), str(data), str(tmp_path / "one.pt"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, "grads",
+           str(tiny_dirs["e5v-like"]), str(data), str(tmp_path / "two.pt")]
+    proc = subprocess.run(cmd, env={**env(), "CHUNK": "3"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["candidates"] == two["candidates"] == 6 + 5  # every anchor sees the global batch
+    assert abs(one["loss"] - two["loss"]) < 1e-5
+    assert max(float((one["grads"][k] - two["grads"][k]).abs().max()) for k in one["grads"]) < 1e-5
+    assert max(float(v.abs().max()) for v in one["grads"].values()) > 1e-3
+
+
+# --- end to end: learning, resume, merge ---------------------------------------------------------------------
+def _cfg(tiny_dir, data, out, **kw) -> dict:
+    base = dict(model=str(tiny_dir), data=str(data), output_dir=str(out), batch_size=32, micro_batch_size=40,
+                warmup_steps=2, learning_rate=2e-3, lora_r=8, gradient_checkpointing=False, progress=False,
+                max_steps=15, save_steps=100)
+    return {**base, **kw}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dirs, tmp_path_factory):
+    """One run shared by the tests below, end to end through the main CLI: ``e5v train --config FILE --flags``."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from e5v.cli import main
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_csv(root / "nli.csv", [triplet(i) for i in range(96)])
+    cfg = _cfg(tiny_dirs["e5v-like"], data, root / "run")
+    flags = ["--max-steps", str(cfg.pop("max_steps")), "--no-gradient-checkpointing", "--no-progress"]
+    del cfg["gradient_checkpointing"], cfg["progress"]
+    (root / "train.yaml").write_text(yaml.safe_dump(cfg))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", "--config", str(root / "train.yaml"), *flags]) == 0
+    adapter = root / "run" / "adapter"
+    assert out.getvalue().startswith(f"trained {tiny_dirs['e5v-like']} on {data}; step 15 loss ")
+    assert out.getvalue().rstrip().endswith(f"adapter -> {adapter}")
+    return adapter
+
+
+def _margins(model):
+    held = [triplet(i) for i in range(200, 236)]  # held-out: numbers never seen in training
+    a, p, n = (model.encode_text([h[k] for h in held]) for k in range(3))
+    pos, neg = (a * p).sum(1), (a * n).sum(1)
+    return float(pos.mean()), float(neg.mean()), float((pos > neg).mean())
+
+
+def test_training_lowers_loss_and_separates_held_out_pairs(tiny_dirs, trained):
+    from e5v import E5V
+
+    log = [json.loads(x) for x in (trained.parent / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 16))
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    assert all(r["candidates"] == 64 and r["sentences_per_s"] > 0 and r["grad_norm"] > 0 for r in log)
+    before = _margins(E5V.from_pretrained(str(tiny_dirs["e5v-like"])))
+    after = _margins(E5V.from_pretrained(str(tiny_dirs["e5v-like"]), adapter=str(trained)))
+    assert before[2] < 0.5 and before[1] > before[0]  # untrained: hard negatives closer than paraphrases
+    assert after[2] >= 0.9  # trained: the paraphrase wins for (almost) every held-out anchor
+    assert after[0] - after[1] > 0.15 and after[1] < before[1] - 0.15  # hard negatives pushed away
+
+
+def test_merge_equals_adapter_applied(tiny_dirs, trained, tmp_path):
+    import argparse
+
+    from e5v import E5V
+    from e5v.train.cli import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["merge", "--model", str(tiny_dirs["e5v-like"]), "--adapter", str(trained),
+                              "--out", str(tmp_path / "merged")])
+    assert args.run(args) == 0
+    texts = ["a dog is here number 7", "there is a car 3", "hello"]
+    merged = E5V.from_pretrained(str(tmp_path / "merged")).encode_text(texts)
+    applied = E5V.from_pretrained(str(tiny_dirs["e5v-like"]), adapter=str(trained)).encode_text(texts)
+    base = E5V.from_pretrained(str(tiny_dirs["e5v-like"])).encode_text(texts)
+    assert np.abs(merged - applied).max() < 1e-5 and np.abs(merged - base).max() > 1e-2
+    with pytest.raises(ConfigError, match="not empty"):
+        args.run(args)
+
+
+def _run_train(cfg: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, "train", json.dumps(cfg)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_then_resume_ends_with_the_same_adapter(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_csv(tmp_path / "nli.csv", [triplet(i) for i in range(40)])
+    kw = dict(max_steps=10, save_steps=3, batch_size=8, micro_batch_size=10, lora_dropout=0.1, save_total_limit=2)
+    straight = _run_train(_cfg(tiny_dirs["e5v-like"], data, tmp_path / "straight", **kw))
+    killed_cfg = _cfg(tiny_dirs["e5v-like"], data, tmp_path / "killed", **kw)
+    proc = _run_train(killed_cfg)
+    first = tmp_path / "killed" / "checkpoints" / "step-000003"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (tmp_path / "killed" / "adapter").exists(), "the run was not killed mid-way"
+    resumed = _run_train(killed_cfg)
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()[-3000:]
+    assert straight.wait(timeout=180) == 0, straight.stderr.read()[-3000:]
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x)["step"] for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, 11))  # no duplicate and no missing record across the kill
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # save_total_limit
