@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# deepspeed (a test dependency) picks its accelerator on import; on a machine without a GPU it says so on
+# stdout unless told, and the CLI tests read stdout
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np
 import pytest

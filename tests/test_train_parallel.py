@@ -125,9 +125,3 @@ def test_official_run_config_file():
     assert (cfg.save_steps, cfg.save_total_limit, cfg.seed, cfg.gradient_checkpointing) == (50, 100, 42, True)
     assert cfg.deepspeed == "configs/deepspeed/zero2.json" and (ROOT / cfg.deepspeed).is_file()
 
-
-def test_deepspeed_launcher_local_rank_flag_is_accepted():
-    from e5v.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--config", "c.yaml", "--local_rank=3", "--fsdp"])
-    assert args.local_rank == 3 and args.fsdp is True

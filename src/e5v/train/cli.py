@@ -14,12 +14,11 @@ def add_parsers(sub) -> None:
                        description="LoRA + InfoNCE with hard negatives over the global batch (GradCache), the "
                                    "official run's settings by default. Every setting is a flag and a key of the "
                                    "--config file (YAML or JSON); flags override the file. Multi-GPU: launch "
-                                   "with torchrun, accelerate launch (configs/accelerate/) or deepspeed; "
+                                   "with torchrun, accelerate launch (configs/accelerate/) or deepspeed "
+                                   "--no_local_rank --module e5v.cli; "
                                    "--deepspeed CONFIG (ZeRO-2/3) or --fsdp shard the work. Rerun the same "
                                    "command to resume.")
     add_config_flags(p)
-    p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
-                   help="set by the deepspeed launcher (the same as its LOCAL_RANK variable)")
     p.set_defaults(run=run_train)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base checkpoint",
@@ -35,8 +34,6 @@ def run_train(args) -> int:
     from .config import config_from_args
     from .trainer import train
 
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = config_from_args(args)
     logging.getLogger("e5v.train").setLevel(logging.INFO)  # per-step loss, lr, grad-norm, sentences/s
     adapter = train(cfg)

@@ -104,6 +104,11 @@ def _check_finite(norm: float) -> None:
                                  "learning rate")
 
 
+def _require_optimizer_state(folder: Path, state: dict) -> None:
+    if "optimizer" not in state:
+        raise ConfigError(f"{folder} was written by DeepSpeed; resume with the same launcher and --deepspeed config")
+
+
 class Plain:
     """One process, or gradients summed with one all-reduce (torchrun / accelerate launch MULTI_GPU)."""
 
@@ -145,6 +150,7 @@ class Plain:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load(self, folder: Path, state: dict) -> None:
+        _require_optimizer_state(folder, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -257,20 +263,17 @@ class FSDP:
         return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
                 for n, p in self.model.named_trainable().items()}
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
     def save(self, folder: Path) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        optim = get_optimizer_state_dict(self.runner, self.optimizer, options=self._options())
+        optim = get_optimizer_state_dict(self.runner, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"optimizer": optim, "scheduler": self.scheduler.state_dict()}
 
     def load(self, folder: Path, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+        _require_optimizer_state(folder, state)
         set_optimizer_state_dict(self.runner, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
