@@ -4,7 +4,9 @@
 # Results go to $OUT (default: benchmarks/results): JSON, markdown, logs, and the environment.
 #
 #   bash benchmarks/gpu_all.sh                    # on the GPU machine (torch 2.11, transformers 5.17, offline)
-#   E5V_BENCH_TINY=1 bash benchmarks/gpu_all.sh   # CPU smoke run: tiny widths, a few items, same steps
+#   E5V_BENCH_TINY=1 PYTHON=.venv/bin/python bash benchmarks/gpu_all.sh   # CPU smoke run: tiny widths, same steps
+#
+# PYTHON: the interpreter (default python3; it needs torch, transformers, peft and accelerate, nothing more).
 #
 # Each step has its own time limit (EMBED_S, TRAIN_S seconds) and writes its results as it goes, so one
 # step that fails or runs out of time keeps what it measured and does not stop the other.
@@ -17,11 +19,11 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFO
 export TOKENIZERS_PARALLELISM=false
 
 if [ "${E5V_BENCH_TINY:-0}" = "1" ]; then
-  EMBED_ARGS=(--tiny --device cpu --images 4 --texts 32 --workers 2 --variants packed,grouped,b1)
+  EMBED_ARGS=(--tiny --device cpu --images 4 --texts 32 --workers 2 --image-batches 1,2 --text-batches 15,32 --variants packed,grouped)
   TRAIN_ARGS=(--tiny --device cpu --triplets 8 --chunk 8 --steps 1)
   EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-200}"
 else
-  EMBED_ARGS=(--device cuda --dtype bfloat16 --images 64 --texts 1024 --workers 8 --variants packed,grouped,b1,flex)
+  EMBED_ARGS=(--device cuda --dtype bfloat16 --images 64 --texts 1024 --workers 8 --image-batches 1,8 --text-batches 15,256 --variants packed,grouped,flex)
   TRAIN_ARGS=(--device cuda --dtype bfloat16 --triplets 128 --tokens 44 --chunk 96 --steps 3)
   EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-230}"
 fi

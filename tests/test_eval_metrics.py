@@ -60,6 +60,19 @@ def test_subset_recall_ranks_within_the_image_set():
     assert metrics.subset_recall(s, [5], members, (1, 2, 3), exclude=[[0]]) == {1: 0.0, 2: 0.0, 3: 0.0}
 
 
+def test_subset_recall_ties_and_invalid_members():
+    # 0 = reference (excluded); 1, 2, 3 tie; 4 is not a member
+    s = np.array([[0.9, 0.5, 0.5, 0.5, 0.7], [0.9, 0.5, 0.5, 0.5, 0.7]])
+    members = [[0, 1, 2, 3], [0, 1, 2, 3]]
+    # query 0: target 2 after 1 (lower index wins the tie); query 1: target 1 first
+    assert metrics.subset_recall(s, [2, 1], members, (1, 2, 3), exclude=[[0], [0]]) == {1: 50.0, 2: 100.0, 3: 100.0}
+    # candidate 1 failed to embed: the target 2 is now first in query 0's set
+    inv = np.array([False, True, False, False, False])
+    assert metrics.subset_recall(s, [2, 3], members, (1, 2), exclude=[[0], [0]], invalid=inv) == {1: 50.0, 2: 100.0}
+    # a reference that is also the target can never be hit
+    assert metrics.subset_recall(s[:1], [0], members[:1], (3,), exclude=[[0]]) == {3: 0.0}
+
+
 def test_top_k_excludes_reference_and_keeps_tie_order():
     s = np.array([[0.5, 0.9, 0.5, 0.1]])
     assert metrics.top_k(s, 3, exclude=[[1]])[0].tolist() == [0, 2, 3]

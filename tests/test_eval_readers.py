@@ -43,6 +43,19 @@ def test_saved_retrieval(saved):
     assert len(lim.image_ids) == 2 and len(lim.captions) == 10 and lim.caption_image.max() == 1
 
 
+
+def test_saved_coco_keeps_first_five_captions(tmp_path):
+    import datasets
+
+    texts = [[f"img0 cap{j}" for j in range(6)], [f"img1 cap{j}" for j in range(5)]]
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+        {"image": [fx.image(0), fx.image(1)], "text": texts},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Sequence(datasets.Value("string"))}))}) \
+        .save_to_disk(str(tmp_path / "coco"))
+    d = readers.read_retrieval(tmp_path / "coco", "coco", max_captions=5)
+    assert d.captions == texts[0][:5] + texts[1] and d.caption_image.tolist() == [0] * 5 + [1] * 5
+
+
 def test_cirr_release_val_and_test(release):
     v = readers.read_cirr(release / "cirr", "val")
     assert len(v.queries) == 5 and len(v.gallery_ids) == 8
@@ -137,8 +150,12 @@ def test_fashioniq_broken_captions(tmp_path):
     recs = json.loads(path.read_text())
     recs[1]["captions"] = ["only one"]
     path.write_text(json.dumps(recs))
-    with pytest.raises(DatasetError, match=r"\[1\]: 'captions' should be a list of 2 strings"):
+    with pytest.raises(DatasetError, match=r"\[1\]: 'captions' should be a list of 2 strings") as e:
         readers.read_fashioniq(root, "dress")
+    # every error about a dataset ends with where its files belong
+    assert "expected layout:" in str(e.value)
+    assert "DATA/fashioniq/captions/cap.{dress,shirt,toptee}.val.json" in str(e.value)
+    assert "fashioniq_val_imgs" in str(e.value)
     (root / "image_splits" / "split.shirt.val.json").unlink()
     with pytest.raises(DatasetError, match="missing file .*split.shirt.val.json"):
         readers.read_fashioniq(root, "shirt")
@@ -161,8 +178,9 @@ def test_sts_broken_files(tmp_path):
     with pytest.raises(DatasetError, match="sts-test.csv:line 1: expected at least 7"):
         readers.read_sts(root, "sts-b")
     (root / "SICK" / "SICK_test_annotated.txt").write_text("header\n1\tonly a\n")
-    with pytest.raises(DatasetError, match="SICK_test_annotated.txt:line 2: expected at least 4"):
+    with pytest.raises(DatasetError, match="SICK_test_annotated.txt:line 2: expected at least 4") as e:
         readers.read_sts(root, "sick-r")
+    assert "DATA/senteval/SICK/SICK_test_annotated.txt" in str(e.value)
 
 
 def test_saved_dataset_wrong_split_or_columns(tmp_path):

@@ -39,6 +39,32 @@ def run(argv, capsys=None):
     return rc, out
 
 
+def cached(folder):
+    """Every vector a cache folder holds, in item order (the parts' rows put back at their indices)."""
+    parts = [np.load(f) for f in sorted(folder.glob("part-*.npz"))]
+    n = sum(len(p["indices"]) + len(p["skipped"]) for p in parts)
+    out = np.zeros((n, parts[0]["vectors"].shape[1]), np.float32)
+    for p in parts:
+        out[p["indices"]] = p["vectors"]
+    return out
+
+
+def one_folder(parent, prefix):
+    found = [f for f in parent.glob(f"{prefix}-*") if f.name[len(prefix) + 1:].isalnum()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def hand_order(row, drop=()):
+    """Candidate indices best first, without ``drop`` (an independent re-statement of the ranking)."""
+    return [j for j in np.argsort(-row, kind="stable") if j not in drop]
+
+
+def hand_recall(scores, positives, k, drop=None):
+    drop = drop or [()] * len(scores)
+    return 100 * np.mean([bool(set(hand_order(r, d)[:k]) & set(p)) for r, p, d in zip(scores, positives, drop)])
+
+
 @pytest.fixture(scope="module")
 def full_run(release, model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
@@ -69,6 +95,14 @@ def test_every_task_runs(full_run):
     assert f["avg_R@10"] == pytest.approx(np.mean([f["dress_R@10"], f["shirt_R@10"], f["toptee_R@10"]]))
     md = (out / "results.md").read_text()
     assert "| flickr30k | t2i_R@1 |" in md and "79.50" in md and "sts (avg of 7)" in md and "86.00" in md
+    # every number the paper has for a task run here is set beside ours (the metric names match)
+    from e5v.eval import report
+
+    shown = {(t, m): p for t, m, _, p in report.rows(res)}
+    for task in res["tasks"]:
+        for metric, value in report.PAPER.get(task, {}).items():
+            assert shown[(task, metric)] == value, (task, metric)
+            assert f"| {task} | {metric} |" in md
 
 
 def test_retrieval_scores_the_engine_vectors(full_run, release, model):
@@ -101,6 +135,77 @@ def test_sts_uses_prompt_and_cleanup(full_run, release, model):
     assert res["tasks"]["sts12"]["counts"]["pairs"] == 15
 
 
+def test_sts_all_aggregation_and_sick_r(full_run, release, model):
+    """STS12: one Spearman over the concatenated subsets (SentEval "all"), not the mean of the subsets';
+    SICK-R: the test file (header skipped) with the STS prompt and clean-up."""
+    from scipy.stats import spearmanr
+
+    from e5v.eval import readers
+
+    _, _, res = full_run
+
+    def cosines(a, b):
+        ea = model.encode([tasks.clean_sts_sentence(s) for s in a], prompt=prompts.STS)
+        eb = model.encode([tasks.clean_sts_sentence(s) for s in b], prompt=prompts.STS)
+        return (ea * eb).sum(1)
+
+    cos, gold, per = [], [], []
+    for a, b, g in readers.read_sts(release / "senteval", "sts12").subsets.values():
+        c = cosines(a, b)
+        cos.append(c)
+        gold.append(g)
+        per.append(spearmanr(c, g).correlation * 100)
+    expected = spearmanr(np.concatenate(cos), np.concatenate(gold)).correlation * 100
+    got = res["tasks"]["sts12"]
+    assert got["metrics"]["spearman"] == pytest.approx(expected, abs=1e-4)
+    assert got["details"]["mean"] == pytest.approx(np.mean(per), abs=1e-4)
+    assert abs(expected - np.mean(per)) > 1  # the fixture tells "all" from the mean of the subsets
+    a, b, g = readers.read_sts(release / "senteval", "sick-r").subsets["test"]
+    expected = spearmanr(cosines(a, b), g).correlation * 100
+    assert res["tasks"]["sick-r"]["metrics"]["spearman"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_i2i_embeds_rendered_captions_with_the_image_prompt(full_run, release, model):
+    from e5v.eval import readers, render
+
+    _, out, res = full_run
+    d = readers.read_retrieval(release / "coco", "coco", max_captions=5)
+    t = model.encode_image([render.render_caption(c) for c in d.captions])  # image prompt on the drawn captions
+    i = model.encode_image(list(d.images[:]))
+    np.testing.assert_allclose(cached(one_folder(out / "cache" / "coco", "rendered-captions")), t, atol=1e-5)
+    s = t @ i.T
+    per_image = [np.flatnonzero(d.caption_image == k) for k in range(len(d.image_ids))]
+    got = res["tasks"]["i2i-coco"]["metrics"]
+    for k in (1, 5, 10):
+        assert got[f"t2i_R@{k}"] == pytest.approx(hand_recall(s, [[o] for o in d.caption_image], k))
+        assert got[f"i2t_R@{k}"] == pytest.approx(hand_recall(s.T, per_image, k))
+
+
+def test_cirr_val_excludes_the_reference(full_run, release, model):
+    """Official prompts (CIRR query / candidate), the reference removed from the ranking, Recall_subset within
+    the image set less the reference -- all recomputed here from the engine's vectors."""
+    from e5v.eval import readers
+
+    _, out, res = full_run
+    d = readers.read_cirr(release / "cirr", "val")
+    g = model.encode_image(list(d.gallery[:]), task="cirr")  # "<image>\n Describe this image in one word:"
+    q = model.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)], task="cirr")
+    np.testing.assert_allclose(cached(one_folder(out / "cache" / "cirr-val", "queries")), q, atol=1e-5)
+    s = q @ g.T
+    ix = {n: j for j, n in enumerate(d.gallery_ids)}
+    targets = [[ix[x.target]] for x in d.queries]
+    refs = [{ix[x.reference]} for x in d.queries]
+    got = res["tasks"]["cirr"]["metrics"]
+    for k in (1, 5, 10, 50):
+        assert got[f"R@{k}"] == pytest.approx(hand_recall(s, targets, k, drop=refs))
+    # the fixture is such that the reference would often come first: keeping it would change R@1
+    assert hand_recall(s, targets, 1) != pytest.approx(got["R@1"])
+    for k in (1, 2, 3):
+        hits = [ix[x.target] in sorted((ix[m] for m in x.members if m != x.reference), key=lambda j: -s[i, j])[:k]
+                for i, x in enumerate(d.queries)]
+        assert got[f"Rsubset@{k}"] == pytest.approx(100 * np.mean(hits))
+
+
 def test_fashioniq_sums_both_orders_before_normalising(release, model, tmp_path):
     from e5v.eval import readers
     from e5v.eval.cache import Embedded, EmbeddingCache
@@ -120,16 +225,22 @@ def test_fashioniq_sums_both_orders_before_normalising(release, model, tmp_path)
     raw = model.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text)) for k, q in enumerate(d.queries)],
                       prompt=qp, normalize=False).vectors
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
-    folder = next(f for f in (tmp_path / "fashioniq-toptee").glob("queries-*") if "reversed" not in f.name)
-    part = np.load(folder / "part-000000.npz")
-    assert part["vectors"] == pytest.approx(raw, abs=1e-5)
+    root = tmp_path / "fashioniq-toptee"
+    np.testing.assert_allclose(cached(one_folder(root, "queries")), raw, atol=1e-5)
+    rev = model.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text, reverse=True))
+                       for k, q in enumerate(d.queries)], prompt=qp, normalize=False).vectors
+    np.testing.assert_allclose(cached(one_folder(root, "queries-reversed")), rev, atol=1e-5)
+    gallery = model.encode_image(list(d.gallery[:]), task="fashioniq-toptee")  # "... this shirt ... its style:"
+    np.testing.assert_allclose(cached(one_folder(root, "gallery")), gallery, atol=1e-5)
 
 
-def test_cirr_test_submission_files(full_run, release):
+def test_cirr_test_submission_files(full_run, release, model):
     _, out, res = full_run
     from e5v.eval import readers
 
     d = readers.read_cirr(release / "cirr", "test")
+    s = model.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)]) \
+        @ model.encode_image(list(d.gallery[:]), task="cirr").T
     rec = json.loads((out / "cirr_test_recall.json").read_text())
     sub = json.loads((out / "cirr_test_recall_subset.json").read_text())
     assert rec["version"] == "rc2" and rec["metric"] == "recall" and sub["metric"] == "recall_subset"
@@ -137,6 +248,10 @@ def test_cirr_test_submission_files(full_run, release):
         assert len(rec[q.pairid]) == 7 and q.reference not in rec[q.pairid]  # 8 images less the reference
         assert len(sub[q.pairid]) == 3 and set(sub[q.pairid]) <= set(q.members) - {q.reference}
         assert [x for x in rec[q.pairid] if x in sub[q.pairid]] == sub[q.pairid]  # same order as the full ranking
+    for i, q in enumerate(d.queries):  # the ranking itself, recomputed: best first, reference left out
+        order = [d.gallery_ids[j] for j in hand_order(s[i], {d.gallery_ids.index(q.reference)})]
+        assert rec[q.pairid] == order[:50]
+        assert sub[q.pairid] == [n for n in order if n in q.members][:3]
     names = ("cirr_test_recall.json", "cirr_test_recall_subset.json")
     assert sorted(res["tasks"]["cirr-test"]["files"]) == sorted(str(out / n) for n in names)
 
@@ -174,6 +289,56 @@ def test_interrupted_run_resumes_to_the_same_result(release, model_dir, tmp_path
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())["tasks"]
     cut = json.loads((tmp_path / "cut" / "results.json").read_text())["tasks"]
     assert cut == whole
+
+
+def test_cache_is_keyed_by_model_adapter_dtype_prompt_and_inputs(model, model_dir, tmp_path):
+    from e5v.encoder import Item
+    from e5v.eval import cli
+    from e5v.eval.cache import EmbeddingCache
+
+    base = {"model": cli._identity(model_dir), "adapter": None, "dtype": "float32"}
+    texts = ["a dog runs", "a red ball", "the sea"]
+
+    def computed(settings, prompt=prompts.TEXT, texts=texts):
+        cache = EmbeddingCache(tmp_path, settings, lambda: model, part_size=2, progress=False)
+        return cache.embed("d", "captions", prompt, [Item(text=t) for t in texts], texts).computed
+
+    assert computed(base) == 3 and computed(base) == 0
+    for change in ({"model": "other"}, {"adapter": "lora"}, {"dtype": "bfloat16"}):
+        assert computed({**base, **change}) == 3, change
+    assert computed(base, prompt=prompts.STS) == 3
+    assert computed(base, texts=["a dog runs", "a red ball", "the lake"]) == 3
+    assert computed(base) == 0  # each of those has its own folder: the first one is still there
+    # a local checkpoint is identified by its files too: a re-trained model in the same folder is another model
+    import shutil
+
+    copy = shutil.copytree(model_dir, tmp_path / "ckpt")
+    before = cli._identity(str(copy))
+    cfg = copy / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    assert cli._identity(str(copy)) != before
+
+
+def test_adapter_is_evaluated_and_cached_apart(release, model, model_dir, tmp_path, capsys):
+    """--adapter DIR: the LoRA adapter is merged (other numbers than the base model) and its embeddings are
+    cached apart from the base model's; results.json names the adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    lm = AutoModelForCausalLM.from_config(model.backbone.model.config.text_config)
+    get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                                  target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    common = ["sts-b", "--model", model_dir, "--data", str(release), "--out", str(tmp_path / "o")]
+    spearman = []
+    for extra in ([], ["--adapter", str(tmp_path / "adapter")], ["--adapter", str(tmp_path / "adapter")]):
+        rc, cap = run([*common, *extra], capsys)
+        res = json.loads((tmp_path / "o" / "results.json").read_text())
+        assert rc == 0 and res["adapter"] == (extra[1] if extra else None)
+        spearman.append((res["tasks"]["sts-b"]["metrics"]["spearman"], "all embeddings from the cache" in cap.out))
+    assert spearman[0][0] != pytest.approx(spearman[1][0]) and not spearman[1][1]  # embedded anew with the adapter
+    assert spearman[2] == (spearman[1][0], True)
 
 
 def test_saved_layouts(tmp_path, model_dir, capsys):

@@ -7,7 +7,6 @@ import base64
 import functools
 import http.server
 import io
-import json
 import os
 import re
 import signal
@@ -246,6 +245,9 @@ def test_bad_requests_get_a_4xx_with_the_reason_and_the_server_keeps_serving(ser
         err = r.json()["error"]
         assert reason in err["message"], (name, err)
         assert err["code"] == status
+    chunked = (b" " * 65536 for _ in range(5))  # no Content-Length: the cap holds while the body streams in
+    r = server.post("/v1/embeddings", content=chunked, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "request body too large (> limit" in r.json()["error"]["message"], r.text
     r = server.post("/v1/embeddings", json={"input": TEXTS[:2]})  # still serving, still exact
     np.testing.assert_allclose(vectors(r), pool["text"][:2], atol=1e-5)
     assert server.get("/nowhere").json()["error"]["code"] == 404
@@ -261,6 +263,18 @@ def test_a_bad_item_fails_only_its_own_request(server, pool):
             assert r.status_code == 400 and "input[1]: the text contains" in r.json()["error"]["message"]
         else:
             np.testing.assert_allclose(vectors(r), pool["text"][[i % len(TEXTS), 0]], atol=1e-5)
+
+
+def test_a_failing_model_gives_500_and_the_server_goes_on(server, model, pool, monkeypatch):
+    def broken(feats, **kw):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(model, "run_batch", broken)
+    r = server.post("/v1/embeddings", json={"input": TEXTS[:2]})
+    assert r.status_code == 500 and "the model failed: RuntimeError: CUDA error" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    np.testing.assert_allclose(vectors(server.post("/v1/embeddings", json={"input": TEXTS[:2]})), pool["text"][:2],
+                               atol=1e-5)
 
 
 def test_allowed_paths_and_urls_are_read(server, files, pool):
@@ -326,3 +340,44 @@ def test_cli_serves_on_loopback_until_stopped(tiny_dirs, model):
     assert proc.returncode == 0, err[-2000:]
     assert f"serving e5v-tiny (64-d) on http://127.0.0.1:{port}" in out
     assert "stopped: served " in out and "embedded 1 items" in out
+
+
+def test_preprocessing_overlaps_the_model_in_the_engines_workers(model, pool, monkeypatch):
+    """The next group is preprocessed (in the engine's worker process when it has ``num_workers``) while the
+    model runs the previous one; the vectors stay the engine's."""
+    from e5v.serve.batcher import Batcher
+
+    engine = E5V(model.backbone, num_workers=1)
+    original, prepared, next_group_ready = Batcher._prepare, [], threading.Event()
+    in_pass, overlapped = threading.Event(), []
+
+    def counting_prepare(self, prompt, jobs):
+        out = original(self, prompt, jobs)
+        prepared.append(prompt)
+        if len(prepared) == 2:  # the texts, sent while the images' pass runs
+            next_group_ready.set()
+        return out
+
+    def held_pass(feats, **kw):  # a long forward pass: it ends once the next group is prepared (or after 10 s)
+        in_pass.set()
+        overlapped.append(next_group_ready.wait(10))
+        return model.run_batch(feats, **kw)
+
+    body = {"input": [[image_part(u)] for u in pool["uris"]]}
+    try:
+        with running(create_app(engine, Settings(model_name="tiny-e5v", limits=LIMITS))) as url:
+            with httpx.Client(base_url=url, timeout=60) as client:
+                assert client.post("/v1/embeddings", json=body).status_code == 200  # starts the worker process
+                monkeypatch.setattr(Batcher, "_prepare", counting_prepare)
+                engine.run_batch = held_pass
+                with ThreadPoolExecutor(2) as ex:
+                    first = ex.submit(client.post, "/v1/embeddings", json=body)
+                    assert in_pass.wait(30)
+                    second = ex.submit(client.post, "/v1/embeddings", json={"input": TEXTS})
+                    r1, r2 = first.result(), second.result()
+        assert engine._pool is not None  # the images were prepared by the engine's worker process
+    finally:
+        engine.close()
+    assert prepared == [prompts.IMAGE_PROMPT, prompts.TEXT] and overlapped[0] is True
+    np.testing.assert_allclose(vectors(r1), pool["image"], atol=1e-5)
+    np.testing.assert_allclose(vectors(r2), pool["text"], atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 import e5v.encoder
 from e5v import E5V, prompts
 from e5v.errors import ConfigError, E5VError
+from e5v.workers import PreparePool
 
 from conftest import TEXTS
 
@@ -36,13 +37,22 @@ def embed_all(m, images, bad_path):
             m.embed(pairs, prompt=prompts.CIRR_QUERY))
 
 
-def test_workers_give_identical_results_and_skip_bad_items(engine, mixed_images, tmp_path):
+def test_workers_give_identical_results_and_skip_bad_items(engine, mixed_images, tmp_path, monkeypatch):
     bad = str(tmp_path / "missing.png")
     want = embed_all(E5V(engine.backbone, window=3), mixed_images, bad)
+    events = []  # window k is handed to the workers before the model runs window k-1: preparation overlaps
+    submit, run_window = PreparePool.submit, E5V._run_window
+    monkeypatch.setattr(PreparePool, "submit",
+                        lambda self, w, p: events.append(("prepare", w[0][0])) or submit(self, w, p))
+    monkeypatch.setattr(E5V, "_run_window",
+                        lambda self, prep, *a: events.append(("run", min(prep.ok_idx + [i for i, _ in prep.skipped])))
+                        or run_window(self, prep, *a))
     with E5V(engine.backbone, num_workers=2, window=3) as m:  # small windows: several in flight at once
         got = embed_all(m, mixed_images, bad)
         assert m._pool is not None and not m._pool.closed
     assert m._pool is None  # closed on leaving the block
+    two_windows = [("prepare", 0), ("prepare", 3), ("run", 0), ("run", 3)]
+    assert events == two_windows + two_windows + [("prepare", 0), ("run", 0)]  # texts, images, pairs
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.vectors, w.vectors)
         np.testing.assert_array_equal(g.indices, w.indices)
@@ -61,6 +71,16 @@ def test_dead_worker_raises_a_clear_error_and_the_engine_recovers(engine, mixed_
         np.testing.assert_array_equal(m.encode_image(mixed_images[:2]), engine.encode_image(mixed_images[:2]))
     finally:
         m.close()
+
+
+def test_workers_follow_an_anyres_cap_set_after_they_started(tiny_dirs, mixed_images):
+    with E5V.from_pretrained(str(tiny_dirs["llava-next-llama3"]), device="cpu", dtype="float32", num_workers=1) as m:
+        full = m.embed(mixed_images, prompt=prompts.IMAGE_PROMPT)
+        m.backbone.limit_anyres(1)
+        capped = m.embed(mixed_images, prompt=prompts.IMAGE_PROMPT)
+    want = E5V(m.backbone).embed(mixed_images, prompt=prompts.IMAGE_PROMPT)  # in this process
+    assert capped.tokens.sum() < full.tokens.sum() and capped.tokens.tolist() == want.tokens.tolist()
+    np.testing.assert_array_equal(capped.vectors, want.vectors)
 
 
 def test_workers_restart_when_preprocessing_settings_change(engine):
@@ -162,6 +182,10 @@ def test_cli_workers_flag_reaches_the_engine(monkeypatch):
     seen = {}
     monkeypatch.setattr(e5v.encoder.E5V, "from_pretrained", classmethod(lambda cls, name, **kw: seen.update(kw)))
     args = cli.build_parser().parse_args(["embed", "--model", "m", "--texts", "t.txt", "--out", "o.npy",
-                                          "--workers", "3"])
+                                          "--workers", "3", "--packing", "on", "--group-lengths",
+                                          "--anyres-max-tiles", "2"])
     cli.load_model(args)
-    assert seen["num_workers"] == 3
+    assert (seen["num_workers"], seen["packing"], seen["group_lengths"], seen["anyres_max_tiles"]) == (3, True, True, 2)
+    cli.load_model(cli.build_parser().parse_args(["embed", "--model", "m", "--texts", "t.txt", "--out", "o.npy"]))
+    assert (seen["num_workers"], seen["packing"], seen["group_lengths"], seen["anyres_max_tiles"]) == (
+        0, "auto", False, None)

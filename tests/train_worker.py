@@ -44,6 +44,8 @@ def grads(model_dir: str, data: str, out: str) -> None:
     if rank == 0:
         torch.save({"loss": res.loss, "candidates": res.candidates,
                     "grads": {n: p.grad.clone() for n, p in model.named_trainable().items()}}, out)
+    if size > 1:  # gloo's threads can abort the process at interpreter exit otherwise
+        torch.distributed.destroy_process_group()
 
 
 def train(config_json: str) -> None:
@@ -82,6 +84,7 @@ def strategies(config_json: str, variants_json: str) -> None:
             (again / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
         torch.distributed.barrier()
         run(make_config(**{**base, **variant, "output_dir": str(again)}))
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -113,8 +113,10 @@ class Preparer:
         return Preparer(self.backbone.without_model(), self.max_length, dict(self.image_options))
 
     def key(self) -> tuple:
-        """What a worker's copy depends on: a change means the workers must be restarted."""
-        return id(self.backbone), self.max_length, tuple(sorted(self.image_options.items()))
+        """What a worker's copy depends on: a change means the workers must be restarted (the AnyRes grid too:
+        ``limit_anyres`` may be called on a loaded backbone)."""
+        pins = getattr(self.backbone.image_processor, "image_grid_pinpoints", None)
+        return id(self.backbone), self.max_length, tuple(sorted(self.image_options.items())), repr(pins)
 
     def prepare(self, item: Item, prompt: str) -> Features:
         """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
@@ -374,6 +376,19 @@ class E5V:
                 window = []
         if window:
             yield window
+
+    # --- one window in two steps (servers overlap them on two threads) -----------------------------------
+    def prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
+        """Preprocess ``(index, Item)`` pairs (in the worker processes when there are any); bad items are
+        recorded with their reasons, never raised."""
+        pool = self._workers()
+        if pool is None:
+            return self._prepare_window(window, prompt)
+        return self._collect(pool, pool.submit(window, prompt))
+
+    def run_prepared(self, prep: Prepared, *, normalize: bool = True) -> EmbedResult:
+        """The model on a prepared window: what :meth:`embed` returns for it, indices as given in the window."""
+        return self._run_window(prep, None, time.perf_counter(), normalize)
 
     # --- internals ---------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> None:

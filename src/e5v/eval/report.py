@@ -58,7 +58,8 @@ def rows(results: dict) -> list[tuple[str, str, float | None, float | None]]:
 
 def markdown(results: dict) -> str:
     head = [f"# e5v eval: {results.get('model')}" + (f" + {results['adapter']}" if results.get("adapter") else ""),
-            "", f"dtype {results.get('dtype')}; numbers in percent; paper = E5-V (arXiv 2407.12580) tables."]
+            "", f"dtype {results.get('dtype')}; numbers in percent; paper = E5-V (arXiv 2407.12580) Tables 1-5 "
+            "(cirr: val R@5 of Table 6; the test split is scored by the CIRR server, see cirr-test)."]
     if results.get("limit"):
         head.append(f"**--limit {results['limit']}: a quick look on part of each set, not comparable with the paper.**")
     lines = head + ["", "| task | metric | e5v | paper | Δ |", "|---|---|---:|---:|---:|"]

@@ -1,15 +1,18 @@
-"""One model, many clients: a single worker thread merges queued requests and runs them on the model.
+"""One model, many clients: queued requests are merged, preprocessed, and run on the model in a pipeline.
 
-Requests wait in one queue. The worker takes everything that is waiting (up to ``max_batch_items``, after
-at most ``wait_ms`` for more to arrive), groups the items by prompt, and calls :meth:`E5V.embed` once per
-group; the engine sorts them by length and splits them into forward passes under its token budget. There is
-never more than one forward pass at a time. ``embed`` never raises for a bad item, so a rejected item
-fails its own request (with the engine's reason) and no other.
+Requests wait in one queue. The preparing thread takes everything that is waiting (up to ``max_batch_items``,
+after at most ``wait_ms`` for more to arrive), groups the items by prompt and preprocesses each group with the
+engine (decode, tokenise, AnyRes; in the engine's worker processes when it has ``num_workers``). The model
+thread runs each prepared group (the engine sorts it by length and splits it into forward passes under its
+token budget) while the next group is being prepared: preprocessing overlaps the forward passes, and one
+prepared group at most waits for the model. There is never more than one forward pass at a time. A rejected
+item fails its own request (with the engine's reason) and no other.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..encoder import Item
+from ..encoder import E5V, Item, Prepared, as_item
 from .metrics import Metrics
 from .payload import RequestError
 
@@ -48,6 +51,11 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
         pass
 
 
+def _fail(jobs: list[Job], stage: str, exc: Exception) -> None:
+    for job in jobs:
+        _resolve(job, error=RequestError(500, f"{stage} failed: {type(exc).__name__}: {exc}", kind="server_error"))
+
+
 class Batcher:
     def __init__(self, model, *, metrics: Metrics | None = None, max_batch_items: int = 256,
                  max_queue_items: int = 4096, wait_ms: float = 2.0):
@@ -60,25 +68,29 @@ class Batcher:
         self._queued = 0  # items waiting
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._ready: queue.Queue = queue.Queue(maxsize=1)  # a prepared group waiting for the model
+        self._threads: list[threading.Thread] = []
 
     @property
     def queued_items(self) -> int:
         return self._queued
 
     def start(self) -> None:
-        if self._thread is None:
+        if not self._threads:
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="e5v-model", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._prepare_loop, name="e5v-prepare", daemon=True),
+                             threading.Thread(target=self._model_loop, name="e5v-model", daemon=True)]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self) -> None:
+        """Finish the groups already taken, answer 503 to the requests still queued, stop both threads."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
 
     async def embed(self, items: list[Item], prompt: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
         """Vectors ``(n, d)`` and token counts ``(n,)`` of ``items``, in order; raises :class:`RequestError`
@@ -86,7 +98,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job = Job(list(items), prompt, kind, loop, loop.create_future())
         with self._cond:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self._threads:
                 raise RequestError(503, "the server is shutting down", kind="server_error")
             if self._queued and self._queued + len(items) > self.max_queue_items:
                 raise RequestError(503, f"server busy ({self._queued} items queued); retry later", kind="server_error")
@@ -116,31 +128,57 @@ class Batcher:
             self._queued -= n
             return jobs
 
-    def _run(self) -> None:
-        while (jobs := self._take()) is not None:
-            groups: dict[str, list[Job]] = {}
-            for job in jobs:
-                groups.setdefault(job.prompt, []).append(job)
-            for prompt, group in groups.items():
-                self._run_group(prompt, group)
-        with self._cond:  # stopping: nobody will run what is left
-            left, self._queue = list(self._queue), deque()
-            self._queued = 0
-        for job in left:
-            _resolve(job, error=RequestError(503, "the server is shutting down", kind="server_error"))
-
-    def _run_group(self, prompt: str, jobs: list[Job]) -> None:
-        items = [it for job in jobs for it in job.items]
-        self.metrics.observe_batch(len(items))
+    def _prepare_loop(self) -> None:
         try:
-            res = self.model.embed(items, prompt=prompt)
+            while True:
+                self._ready.join()  # one group ahead of the model, no more: what arrives meanwhile is merged
+                if (jobs := self._take()) is None:
+                    break
+                groups: dict[str, list[Job]] = {}
+                for job in jobs:
+                    groups.setdefault(job.prompt, []).append(job)
+                for prompt, group in groups.items():
+                    self._ready.put((group, self._prepare(prompt, group)))  # waits while the model is busy
+        finally:
+            self._ready.put(None)  # the model thread stops after the groups before it
+            with self._cond:  # stopping: nobody will run what is left
+                left, self._queue = list(self._queue), deque()
+                self._queued = 0
+            for job in left:
+                _resolve(job, error=RequestError(503, "the server is shutting down", kind="server_error"))
+
+    def _prepare(self, prompt: str, jobs: list[Job]) -> Prepared | Exception:
+        """The group's items through the engine's preprocessing; an exception is handed on to fail the group.
+
+        This and :meth:`_run_group` are the engine's two steps for one window (``E5V.prepare_window`` and
+        ``E5V.run_prepared``, so that the vectors are exactly the engine's), run on two threads."""
+        model: E5V = self.model
+        window = [(i, as_item(it, i, prompt)) for i, it in enumerate(it for job in jobs for it in job.items)]
+        try:
+            return model.prepare_window(window, prompt)
+        except Exception as exc:
+            log.exception("preprocessing failed for %d items", len(window))
+            return exc
+
+    def _model_loop(self) -> None:
+        while True:
+            ready = self._ready.get()
+            self._ready.task_done()  # picked up: the preparing thread may take the next requests
+            if ready is None:
+                return
+            self._run_group(*ready)
+
+    def _run_group(self, jobs: list[Job], prep: Prepared | Exception) -> None:
+        items = sum(len(job.items) for job in jobs)
+        self.metrics.observe_batch(items)
+        if isinstance(prep, Exception):
+            return _fail(jobs, "preprocessing", prep)
+        try:
+            res = self.model.run_prepared(prep)
         except Exception as exc:  # a model failure fails these requests, never the worker
-            log.exception("model call failed for %d items", len(items))
-            for job in jobs:
-                _resolve(job, error=RequestError(500, f"the model failed: {type(exc).__name__}: {exc}",
-                                                 kind="server_error"))
-            return
-        row = np.full(len(items), -1, dtype=np.int64)
+            log.exception("model call failed for %d items", items)
+            return _fail(jobs, "the model", exc)
+        row = np.full(items, -1, dtype=np.int64)
         row[res.indices] = np.arange(len(res.indices))
         bad = dict(res.skipped)
         start = 0

@@ -37,7 +37,9 @@ def add_parsers(sub) -> None:
     lim.add_argument("--max-text-chars", type=int, default=20_000, help="characters of one text (default 20000)")
     lim.add_argument("--max-k", type=int, default=100, help="largest k for /v1/search (default 100)")
     bat = p.add_argument_group("batching")
-    bat.add_argument("--max-batch-items", type=int, default=256, help="items merged into one model call")
+    bat.add_argument("--max-batch-items", type=int, default=256,
+                     help="items merged into one model call (two such groups are held prepared at most: one "
+                          "running, the next preprocessed meanwhile)")
     bat.add_argument("--max-queue-items", type=int, default=4096, help="items waiting before 503 'busy'")
     bat.add_argument("--batch-wait-ms", type=float, default=2.0,
                      help="how long the model waits for more requests to merge (default 2 ms)")

@@ -190,7 +190,7 @@ def part_done(folder: Path, job: Job, j: int) -> dict | None:
 
 def embed_part(model, entries: list[Entry], prompt: dict):
     """Vectors (input order) and rows of the items of one partition that embed, and the skipped ones."""
-    vectors, rows, skipped = {}, {}, []
+    vectors, skipped = {}, []
     for kind in ("image", "text"):
         pos, items = [], []
         for i, e in enumerate(entries):

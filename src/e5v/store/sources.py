@@ -10,9 +10,13 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..inputs import IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, list_images, read_manifest
+
+if TYPE_CHECKING:
+    from ..encoder import Item
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 

@@ -31,12 +31,17 @@ def add_parsers(sub) -> None:
 
 
 def run_train(args) -> int:
+    import torch
+
     from .config import config_from_args
     from .trainer import train
 
     cfg = config_from_args(args)
     logging.getLogger("e5v.train").setLevel(logging.INFO)  # per-step loss, lr, grad-norm, sentences/s
     adapter = train(cfg)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # without this, gloo's worker threads can abort the finished process at interpreter exit (SIGABRT)
+        torch.distributed.destroy_process_group()
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         last = None

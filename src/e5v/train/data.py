@@ -117,6 +117,8 @@ class PromptBuilder:
         return prompts.fill(self.template, self.cut(sentence))
 
     def __call__(self, sentences: list[str]) -> list[list[int]]:
+        if not sentences:  # e.g. the hard negatives of a batch of pairs only (tokenizers fail on an empty list)
+            return []
         return self.tokenizer([self.text(s) for s in sentences])["input_ids"]
 
 

@@ -22,27 +22,27 @@ log = logging.getLogger(__name__)
 LM_KEY_MAPPING = {r"^language_model\.model\.": "", r"^model\.language_model\.": ""}
 
 
-def wants_4bit(option, device: torch.device) -> bool:
-    """``load_in_4bit``: True, False or "auto" (QLoRA when bitsandbytes and a GPU are present)."""
-    if option in (True, "true", "yes", "1"):
-        if device.type != "cuda":
-            raise ConfigError("4-bit QLoRA needs a CUDA GPU")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes") from None
-        return True
-    if option in (False, "false", "no", "0"):
-        return False
-    if option != "auto":
-        raise ConfigError(f"load_in_4bit must be true, false or auto, not {option!r}")
-    if device.type != "cuda":
-        return False
+def has_bitsandbytes() -> bool:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def wants_4bit(option, device: torch.device) -> bool:
+    """``load_in_4bit``: True, False or "auto" (QLoRA when bitsandbytes and a GPU are present)."""
+    if option in (True, "true", "yes", "1"):
+        if device.type != "cuda":
+            raise ConfigError("4-bit QLoRA needs a CUDA GPU")
+        if not has_bitsandbytes():
+            raise ConfigError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes")
+        return True
+    if option in (False, "false", "no", "0"):
+        return False
+    if option != "auto":
+        raise ConfigError(f"load_in_4bit must be true, false or auto, not {option!r}")
+    return device.type == "cuda" and has_bitsandbytes()
 
 
 def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, load_in_4bit=False,
@@ -110,6 +110,17 @@ class LoraModel:
         return {n: p for n, p in self.peft.named_parameters() if p.requires_grad}
 
 
+def set_checkpointing(lm, on: bool) -> None:
+    """Gradient (activation) checkpointing on or off, non-reentrant; transformers 5.24 renamed the methods."""
+    new = hasattr(lm, "activation_checkpointing_enable")
+    if on and new:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (lm.activation_checkpointing_disable if new else lm.gradient_checkpointing_disable)()
+
+
 def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
              gradient_checkpointing: bool = True) -> LoraModel:
@@ -117,11 +128,7 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(lm, "activation_checkpointing_enable"):  # the name from transformers 5.24 on
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        set_checkpointing(lm, True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=list(targets))
     peft = get_peft_model(_CausalLMView(lm), config)
