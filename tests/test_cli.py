@@ -343,3 +343,19 @@ def test_unknown_model_dir(cli, engine, model_dir, tmp_path):
     code, _, _ = cli("--texts", src, "--out", out)
     assert code == 0
     np.testing.assert_allclose(np.load(out), engine.encode_text(TEXTS), atol=1e-5)
+
+
+def test_output_into_a_closed_pipe_is_not_an_error(model_dir, tmp_path, monkeypatch, capsys):
+    """`e5v ... | head` stops reading early: the command still finishes its job, without a traceback."""
+    src = tmp_path / "texts.txt"
+    src.write_text("\n".join(TEXTS) + "\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the summary line meets a broken pipe
+    closed = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", closed)
+    out = tmp_path / "v.npy"
+    code = main(["embed", "--model", model_dir, "--device", "cpu", "--no-progress", "--texts", str(src),
+                 "--out", str(out)])
+    closed.close()
+    assert code == 0 and np.load(out).shape[0] == len(TEXTS)
+    assert "Traceback" not in capsys.readouterr().err

@@ -192,13 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import E5VError
 
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at exit
+        return status
     except E5VError as err:
         print(f"e5v {args.verb}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"e5v {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went into `head` & co., which stopped reading: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":
