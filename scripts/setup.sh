@@ -10,7 +10,10 @@ SYSTEM_PACKAGES="fonts-liberation chromium"
 missing=$(for p in $SYSTEM_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    for attempt in 1 2; do  # a registry hiccup gets one retry; then the tests that need these say so
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null \
+        && break || { echo "warning: apt-get could not install: $missing (attempt $attempt)" >&2; sleep 5; }
+    done
   else
     echo "note: install these system packages for caption rendering and the browser test: $missing" >&2
   fi
