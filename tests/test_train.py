@@ -328,6 +328,22 @@ def _margins(model):
     return float(pos.mean()), float(neg.mean()), float((pos > neg).mean()), float((pos - others).mean()), float(top1)
 
 
+def test_tensorboard_holds_the_logged_scalars(trained):
+    """With TensorBoard installed (it is in the test set), every logged step is also a TensorBoard scalar."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = [json.loads(x) for x in (trained.parent / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(trained.parent / "tensorboard"))
+    events.Reload()
+    keys = ("loss", "lr", "grad_norm", "sentences_per_s")
+    assert set(events.Tags()["scalars"]) == {f"train/{k}" for k in keys}
+    for key in keys:
+        scalars = events.Scalars(f"train/{key}")
+        assert [e.step for e in scalars] == [r["step"] for r in log]
+        assert np.allclose([e.value for e in scalars], [r[key] for r in log], rtol=1e-5)
+
+
 def test_training_lowers_loss_and_separates_held_out_pairs(tiny_dirs, trained):
     from e5v import E5V
 
