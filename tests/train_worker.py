@@ -44,7 +44,8 @@ def grads(model_dir: str, data: str, out: str) -> None:
     if rank == 0:
         torch.save({"loss": res.loss, "candidates": res.candidates,
                     "grads": {n: p.grad.clone() for n, p in model.named_trainable().items()}}, out)
-    if size > 1:  # gloo's threads can abort the process at interpreter exit otherwise
+    if size > 1:  # together, after every rank is done (a rank that leaves early can abort its peer's gloo
+        torch.distributed.barrier()  # threads); and explicitly: at interpreter exit they can abort the process
         torch.distributed.destroy_process_group()
 
 
