@@ -137,9 +137,9 @@ def _run_job(args, folder: str, settings: dict, *, add: bool) -> int:
         entries = _read_entries(args.source)
         summary = run_job(folder, entries, settings, add=add, part_size=args.part_size, source=args.source,
                           load_model=lambda: load_model(args), progress=not args.no_progress, ranks=ranks)
-        if ranks.rank != 0:
-            return 0
-        return _report(args, folder, summary, add=add)
+        status = _report(args, folder, summary, add=add) if ranks.rank == 0 else 0
+        ranks.barrier()  # the ranks leave the process group together (an early leaver can abort a peer's gloo)
+        return status
     finally:
         ranks.stop()
 
