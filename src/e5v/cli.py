@@ -37,7 +37,13 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = True) -
 
 
 def load_model(args):
+    """The engine for the model flags of ``add_model_args`` (quietly with ``--no-progress``)."""
     from .encoder import E5V
+
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar
 
     return E5V.from_pretrained(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                chat_format=args.chat_format, max_batch_tokens=args.max_batch_tokens,
@@ -76,7 +82,7 @@ def default_prompt(args) -> str:
     if args.texts:
         return prompts.TEXT
     if args.images:
-        return prompts.composed_prompts(args.task)[1] if args.task else prompts.IMAGE_PROMPT
+        return prompts.image_prompt(args.task)
     return prompts.composed_prompts(args.task or "cirr")[0]
 
 
@@ -115,10 +121,6 @@ def run_embed(args) -> int:
     todo = [k for k in range(nparts) if not store.done(k)]
     embedded_now, seconds = 0, 0.0
     if todo:
-        if args.no_progress:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
         model = load_model(args)
         started = time.perf_counter()  # throughput of embedding, not of loading the model
         from tqdm.auto import tqdm

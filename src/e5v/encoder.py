@@ -162,10 +162,10 @@ class Preparer:
 class Prepared:
     """A window after preprocessing: the good items (input index, name, features) and the rejected ones."""
 
-    ok_idx: list[int]
-    names: list[str]
-    feats: list[Features]
-    skipped: list[tuple[int, InputError]]
+    ok_idx: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    feats: list[Features] = field(default_factory=list)
+    skipped: list[tuple[int, InputError]] = field(default_factory=list)
 
 
 #: Attention implementations with a variable-length kernel: packing removes padding at no extra attention cost.
@@ -295,7 +295,7 @@ class E5V:
     def encode_image(self, images, *, prompt: str | None = None, task: str | None = None, **options):
         """Images (paths, bytes or PIL images) with the E5-V image prompt, or the gallery prompt of ``task``."""
         if prompt is None:
-            prompt = prompts.composed_prompts(task)[1] if task else prompts.IMAGE_PROMPT
+            prompt = prompts.image_prompt(task)
         single = isinstance(images, (str, os.PathLike, bytes, Image.Image))
         return self.encode([images] if single else list(images), prompt=prompt, **options)
 
@@ -348,8 +348,8 @@ class E5V:
         pending: deque = deque()  # windows being prepared by the workers: at most two at a time
         try:
             for window in self._windows(items, prompt, size):
-                start = time.perf_counter()
                 if pool is None:
+                    start = time.perf_counter()
                     yield self._run_window(self._prepare_window(window, prompt), bar, start, normalize)
                     continue
                 pending.append((pool.submit(window, prompt), time.perf_counter()))
@@ -432,7 +432,7 @@ class E5V:
         return batches
 
     def _prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
-        prep = Prepared([], [], [], [])
+        prep = Prepared()
         preparer = self._preparer()
         for i, item in window:
             try:
@@ -446,7 +446,7 @@ class E5V:
 
     @staticmethod
     def _collect(pool, handles) -> Prepared:
-        prep = Prepared([], [], [], [])
+        prep = Prepared()
         for i, name, feats, reason in pool.collect(handles):
             if feats is None:
                 err = InputError(name, reason)
@@ -463,8 +463,9 @@ class E5V:
         if bar is not None and skipped:
             bar.update(len(skipped))
         vectors = np.zeros((len(feats), self.dim), dtype=np.float32)
+        lengths = np.asarray([len(f) for f in feats], dtype=np.int64)
         packed = self.use_packing()
-        for batch in self.plan_batches([len(f) for f in feats], packed=packed):
+        for batch in self.plan_batches(lengths.tolist(), packed=packed):
             vectors[batch] = self.run_batch([feats[k] for k in batch], packed=packed, normalize=normalize)
             if bar is not None:
                 bar.update(len(batch))
@@ -475,9 +476,8 @@ class E5V:
             log.warning("skipped %s", err)
             skipped.append((ok_idx[k], err))
         ok = np.asarray(ok_idx, dtype=np.int64)[finite]
-        tokens = np.asarray([len(f) for f in feats], dtype=np.int64)[finite]
         return EmbedResult(vectors[finite], ok, sorted(skipped, key=lambda s: s[0]), time.perf_counter() - start,
-                           tokens)
+                           lengths[finite])
 
     @torch.inference_mode()
     def run_batch(self, feats: list[Features], *, packed: bool = False, normalize: bool = True) -> np.ndarray:

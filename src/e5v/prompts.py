@@ -61,6 +61,11 @@ def composed_prompts(task: str) -> tuple[str, str]:
     raise ConfigError(f"unknown composed task {task!r}; expected one of {', '.join(tasks)}")
 
 
+def image_prompt(task: str | None = None) -> str:
+    """The prompt of an image alone: the gallery (candidate) prompt of a composed task, else the E5-V image prompt."""
+    return composed_prompts(task)[1] if task else IMAGE_PROMPT
+
+
 def fill(prompt: str, text: str | None) -> str:
     """Put ``text`` in place of ``<sent>`` (plain replace, as the official code does)."""
     if SENT in prompt:

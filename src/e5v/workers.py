@@ -1,9 +1,9 @@
 """Preprocessing in worker processes: decode, validate, tokenise and resize items away from the process
 that runs the model, so that the accelerator never waits for the CPU.
 
-The workers are started with ``spawn`` (safe with CUDA and threads) and receive only what preprocessing
-needs: a :class:`~e5v.encoder.Preparer` holding the tokenizer, the image processor and the prompt settings,
-never the model. Results travel back as numpy arrays (plain pickles, no shared-memory file handles) and
+The workers are started by :func:`start_context` (forkserver or spawn: safe with CUDA and threads) and
+receive only what preprocessing needs: a :class:`~e5v.encoder.Preparer` holding the tokenizer, the image
+processor and the prompt settings, never the model. Results travel back as numpy arrays (plain pickles, no shared-memory file handles) and
 are turned into tensors again here. A worker that dies raises a clear :class:`~e5v.errors.E5VError`
 instead of hanging the caller.
 """
@@ -15,8 +15,6 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
-
-import numpy as np
 
 from .errors import E5VError, InputError
 
@@ -65,18 +63,17 @@ def start_context():
 
 
 class PreparePool:
-    """``num_workers`` spawned processes that run :meth:`Preparer.prepare` on chunks of a window."""
+    """``num_workers`` worker processes that run :meth:`Preparer.prepare` on chunks of a window."""
 
-    def __init__(self, preparer, num_workers: int, *, chunk_size: int | None = None):
+    def __init__(self, preparer, num_workers: int):
         self.num_workers = int(num_workers)
-        self.chunk_size = chunk_size
         self._executor = ProcessPoolExecutor(self.num_workers, mp_context=start_context(),
                                              initializer=_init, initargs=(preparer,))
         log.info("started %d preprocessing worker processes", self.num_workers)
 
     def submit(self, window: list[tuple[int, Any]], prompt: str) -> list[Future]:
         """Queue a window of ``(index, Item)``; returns handles for :meth:`collect`. Returns at once."""
-        size = self.chunk_size or max(1, min(16, -(-len(window) // (4 * self.num_workers))))
+        size = max(1, min(16, -(-len(window) // (4 * self.num_workers))))
         try:
             return [self._executor.submit(_prepare_chunk, window[k:k + size], prompt)
                     for k in range(0, len(window), size)]
@@ -93,7 +90,7 @@ class PreparePool:
             for fut in handles:
                 for i, name, ids, images, reason in fut.result():
                     feats = None if reason is not None else Features(
-                        torch.from_numpy(ids), {k: torch.from_numpy(np.asarray(v)) for k, v in images.items()})
+                        torch.from_numpy(ids), {k: torch.from_numpy(v) for k, v in images.items()})
                     rows.append((i, name, feats, reason))
         except BrokenProcessPool as exc:
             for fut in handles:

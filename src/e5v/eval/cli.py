@@ -69,10 +69,6 @@ def run_eval(args) -> int:
     settings = {"model": _identity(args.model), "adapter": _identity(args.adapter), "dtype": dtype,
                 "chat_format": args.chat_format, "max_length": args.max_length,
                 "anyres_max_tiles": args.anyres_max_tiles}
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     loaded = []
 
     def model():
@@ -93,8 +89,7 @@ def run_eval(args) -> int:
         computed += res.computed
         skipped += sum(res.skipped.values())
         results["tasks"][name] = res.to_json()
-        report.write(out, results)  # after every task: a later failure keeps what is done
-    js, md = report.write(out, results)
+        js, md = report.write(out, results)  # after every task: a later failure keeps what is done
     print(report.markdown({**results, "tasks": {n: results["tasks"][n] for n in names}}), end="")
     seconds = time.perf_counter() - started
     cached = "all embeddings from the cache" if not computed else f"embedded {computed} items"

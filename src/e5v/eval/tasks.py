@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import prompts
 from ..encoder import Item
+from ..errors import ConfigError
 from ..parts import atomic_write_bytes
 from . import metrics, readers, render
 from .cache import EmbeddingCache, Embedded
@@ -57,11 +58,17 @@ def _count_skips(result: TaskResult, side: str, emb: Embedded) -> Embedded:
 
 
 # ------------------------------------------------------------------------------- text-image and I2I retrieval
-def _images_side(ctx: Context, data: readers.RetrievalData, result: TaskResult) -> Embedded:
-    items = readers.Lazy(data.images.keys, lambda k: Item(image=data.images[k], name=f"{data.name} image "
-                                                                                      f"{data.image_ids[k]}"))
-    return _count_skips(result, "images", ctx.cache.embed(data.name, "images", prompts.IMAGE_PROMPT, items,
-                                                          data.images.keys))
+def _embed_images(ctx: Context, res: TaskResult, dataset: str, side: str, prompt: str, images: readers.Lazy,
+                  ids: list[str], label: str) -> Embedded:
+    """Images (a :class:`readers.Lazy` of paths or bytes) embedded with ``prompt``; item names say ``label`` id."""
+    items = readers.Lazy(images.keys, lambda k: Item(image=images[k], name=f"{label} {ids[k]}"))
+    return _count_skips(res, side, ctx.cache.embed(dataset, side, prompt, items, images.keys))
+
+
+def _query_scores(q: Embedded, g: Embedded) -> np.ndarray:
+    s = q.vectors @ g.vectors.T
+    s[~q.valid] = -np.inf
+    return s
 
 
 def retrieval(ctx: Context, dataset: str, *, rendered: bool) -> TaskResult:
@@ -84,9 +91,9 @@ def retrieval(ctx: Context, dataset: str, *, rendered: bool) -> TaskResult:
     else:
         items = [Item(text=c, name=f"caption {k}") for k, c in enumerate(caps)]
         texts = _count_skips(res, "captions", ctx.cache.embed(dataset, "captions", prompts.TEXT, items, caps))
-    images = _images_side(ctx, data, res)
-    scores = texts.vectors @ images.vectors.T
-    scores[~texts.valid] = -np.inf  # a failed query: its positives are unreachable, so it counts as a miss
+    images = _embed_images(ctx, res, data.name, "images", prompts.IMAGE_PROMPT, data.images, data.image_ids,
+                           f"{data.name} image")
+    scores = _query_scores(texts, images)  # a failed query: its positives are unreachable, so it counts as a miss
     owner = data.caption_image
     t2i = metrics.recall_at_k(scores, owner, (1, 5, 10), invalid=~images.valid)
     per_image = [np.flatnonzero(owner == i) for i in range(len(data.image_ids))]
@@ -99,15 +106,8 @@ def retrieval(ctx: Context, dataset: str, *, rendered: bool) -> TaskResult:
 
 # ------------------------------------------------------------------------------------------------------ CIRR
 def _gallery(ctx: Context, data: readers.CIRData, prompt: str, res: TaskResult, dataset: str) -> Embedded:
-    items = readers.Lazy(data.gallery.keys, lambda k: Item(image=data.gallery[k], name=f"{data.name} gallery "
-                                                                                       f"{data.gallery_ids[k]}"))
-    return _count_skips(res, "gallery", ctx.cache.embed(dataset, "gallery", prompt, items, data.gallery.keys))
-
-
-def _query_scores(q: Embedded, g: Embedded) -> np.ndarray:
-    s = q.vectors @ g.vectors.T
-    s[~q.valid] = -np.inf
-    return s
+    return _embed_images(ctx, res, dataset, "gallery", prompt, data.gallery, data.gallery_ids,
+                         f"{data.name} gallery")
 
 
 def cirr(ctx: Context, split: str = "val") -> TaskResult:
@@ -258,6 +258,7 @@ def sts(ctx: Context, task: str) -> TaskResult:
 
 
 # --------------------------------------------------------------------------------------------------- registry
+STS_TASKS = (*readers.STS_YEARS, "sts-b", "sick-r")
 TASKS: dict[str, Callable[[Context], TaskResult]] = {
     "flickr30k": lambda ctx: retrieval(ctx, "flickr30k", rendered=False),
     "coco": lambda ctx: retrieval(ctx, "coco", rendered=False),
@@ -267,9 +268,8 @@ TASKS: dict[str, Callable[[Context], TaskResult]] = {
     **{f"fashioniq-{c}": (lambda ctx, c=c: fashioniq_category(ctx, c)) for c in readers.FASHIONIQ_CATEGORIES},
     "i2i-flickr30k": lambda ctx: retrieval(ctx, "flickr30k", rendered=True),
     "i2i-coco": lambda ctx: retrieval(ctx, "coco", rendered=True),
-    **{t: (lambda ctx, t=t: sts(ctx, t)) for t in list(readers.STS_YEARS) + ["sts-b", "sick-r"]},
+    **{t: (lambda ctx, t=t: sts(ctx, t)) for t in STS_TASKS},
 }
-STS_TASKS = (*readers.STS_YEARS, "sts-b", "sick-r")
 #: Names that stand for several tasks.
 GROUPS = {
     "sts": STS_TASKS,
@@ -279,8 +279,6 @@ GROUPS = {
 
 def expand(names) -> list[str]:
     """Task names with groups expanded, in order, without repeats; unknown names raise ConfigError."""
-    from ..errors import ConfigError
-
     out = []
     for n in names:
         n = n.lower()

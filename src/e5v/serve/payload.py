@@ -220,7 +220,7 @@ def prompt_for(kind: str, name: str, task: str | None, prompt: str | None, image
     if kind == "image":
         if image_prompt:
             return image_prompt
-        return prompts.composed_prompts(task)[1] if task else prompts.IMAGE_PROMPT
+        return prompts.image_prompt(task)
     return prompts.composed_prompts(task or "cirr")[0]
 
 

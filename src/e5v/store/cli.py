@@ -104,13 +104,18 @@ def _fill_model_args(args, manifest: dict) -> None:
             setattr(args, key, manifest.get(key))
 
 
+def _model_settings(args) -> dict:
+    """The MODEL_SETTINGS given on the command line (checkpoint folders made absolute)."""
+    given = {key: getattr(args, key, None) for key in MODEL_SETTINGS}
+    return {**given, "model": _checkpoint_path(given["model"]), "adapter": _checkpoint_path(given["adapter"])}
+
+
 def _settings(args) -> dict:
     from .. import prompts
 
-    image = args.image_prompt or (prompts.composed_prompts(args.task)[1] if args.task else prompts.IMAGE_PROMPT)
-    return {"model": _checkpoint_path(args.model), "adapter": _checkpoint_path(args.adapter),
-            "chat_format": args.chat_format, "max_length": args.max_length, "anyres_max_tiles": args.anyres_max_tiles,
-            "prompt": {"image": image, "text": args.text_prompt or prompts.TEXT}, "dtype": args.precision}
+    image = args.image_prompt or prompts.image_prompt(args.task)
+    return {**_model_settings(args), "prompt": {"image": image, "text": args.text_prompt or prompts.TEXT},
+            "dtype": args.precision}
 
 
 def _read_entries(source: str):
@@ -126,10 +131,6 @@ def _read_entries(source: str):
 def _run_job(args, folder: str, settings: dict, *, add: bool) -> int:
     from .build import Ranks, run_job
 
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     ranks = Ranks()
     ranks.start()
     try:
@@ -197,8 +198,7 @@ def run_add(args) -> int:
     manifest = read_manifest(args.index)
     if manifest is None:
         raise ConfigError(f"{args.index}: no index there (no manifest.json); create one with `e5v index build`")
-    given = {"model": _checkpoint_path(args.model), "adapter": _checkpoint_path(args.adapter),
-             "chat_format": args.chat_format, "max_length": args.max_length, "anyres_max_tiles": args.anyres_max_tiles}
+    given = _model_settings(args)
     _fill_model_args(args, manifest)
     settings = {**{k: manifest.get(k) for k in (*MODEL_SETTINGS, "prompt", "dtype")},
                 **{k: v for k, v in given.items() if v is not None}}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from .layout import MANIFEST, read_jsonl, read_manifest, rows_path, vectors_path
+from .layout import MANIFEST, read_jsonl, read_manifest, read_tar_member, rows_path, vectors_path
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,7 @@ class Index:
             return None
         row = self.row(pos)
         if row.get("tar"):
-            shard, offset, size, _ = row["tar"]
-            with open(shard, "rb") as fh:
-                fh.seek(offset)
-                return fh.read(size)
+            return read_tar_member(row["tar"])
         return Path(row["image"]).read_bytes() if row.get("image") else None
 
     # --- search ------------------------------------------------------------------------------------------

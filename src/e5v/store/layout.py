@@ -69,5 +69,13 @@ def write_jsonl(path: Path, rows) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n" if lines else "").encode())
 
 
+def read_tar_member(tar) -> bytes:
+    """The bytes of an image inside a tar shard, from a row's ``tar`` (shard, data offset, size, member name)."""
+    shard, offset, size, _ = tar
+    with open(shard, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..inputs import IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, list_images, read_manifest
+from .layout import read_tar_member
 
 if TYPE_CHECKING:
     from ..encoder import Item
@@ -53,10 +54,7 @@ class Entry:
         from ..encoder import Item
 
         if self.tar:
-            shard, offset, size, _ = self.tar
-            with open(shard, "rb") as fh:
-                fh.seek(offset)
-                return Item(image=fh.read(size), name=self.label)
+            return Item(image=read_tar_member(self.tar), name=self.label)
         return Item(text=self.text, image=self.image, name=self.label)
 
     def row(self) -> dict:

@@ -34,12 +34,13 @@ def run_train(args) -> int:
     import torch
 
     from .config import config_from_args
+    from .loss import dist_ready
     from .trainer import train
 
     cfg = config_from_args(args)
     logging.getLogger("e5v.train").setLevel(logging.INFO)  # per-step loss, lr, grad-norm, sentences/s
     adapter = train(cfg)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if dist_ready():
         # without this, gloo's worker threads can abort the finished process at interpreter exit (SIGABRT)
         torch.distributed.destroy_process_group()
     rank = int(os.environ.get("RANK", "0"))

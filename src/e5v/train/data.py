@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import prompts
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..inputs import _read_jsonl, _read_lines
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,6 @@ class PromptBuilder:
         self.official_quirks = official_quirks
         inner = prompt or (OFFICIAL_TRAIN_PROMPT if official_quirks else prompts.TEXT)
         if prompts.SENT not in inner:
-            from ..errors import ConfigError
-
             raise ConfigError(f"the training prompt must contain {prompts.SENT}: {inner!r}")
         template = prompts.CHAT_FORMATS[chat_format].format(inner)
         if official_quirks:  # ft_llm.py: generate_sentemb_prompt does template.replace('_', ' ') ... .strip()

@@ -36,16 +36,16 @@ def merge(base: str, adapter: str, out, *, dtype: str = "auto") -> Path:
     from transformers import AutoModelForImageTextToText
 
     from ..adapters import merge_adapter
-    from ..encoder import DTYPES
+    from ..encoder import resolve_dtype
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new output directory")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+    # "auto" here is the checkpoint's own dtype (transformers'), not the encoder's device default
+    torch_dtype = "auto" if dtype == "auto" else resolve_dtype(dtype, torch.device("cpu"))
     src = _source_dir(base)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype="auto" if dtype == "auto" else DTYPES[dtype])
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {base!r}: {exc}") from exc
     merge_adapter(model, adapter)

@@ -117,13 +117,6 @@ class Logger:
                 self.tb.close()
 
 
-def _fsync_dir_files(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def checkpoint_dirs(out: Path) -> list[Path]:
     root = out / "checkpoints"
     return sorted(root.glob("step-*")) if root.exists() else []
@@ -135,7 +128,15 @@ def save_adapter_dir(peft, dest: Path, weights: dict) -> None:
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     peft.save_pretrained(str(tmp), state_dict=weights)
-    _fsync_dir_files(tmp)
+    _publish_dir(tmp, dest)
+
+
+def _publish_dir(tmp: Path, dest: Path) -> None:
+    """Sync the files of ``tmp`` to disk and rename it onto ``dest`` (an older ``dest`` is moved aside first)."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if dest.exists():
         old = dest.parent / f".old-{dest.name}-{os.getpid()}"
         os.replace(dest, old)
@@ -161,9 +162,7 @@ def save_checkpoint(out: Path, step: int, cfg: TrainConfig, model, strategy, ran
         model.peft.save_pretrained(str(tmp), state_dict=weights)
         torch.save({"step": step, **state}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-        _fsync_dir_files(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        _publish_dir(tmp, dest)
         for old in checkpoint_dirs(out)[:-max(1, cfg.save_total_limit)]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s", dest)
@@ -310,6 +309,5 @@ def train(cfg: TrainConfig) -> Path:
         if bar is not None:
             bar.close()
         logger.close()
-    if size > 1:
-        torch.distributed.barrier()
+    _barrier(size)
     return final
