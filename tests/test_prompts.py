@@ -39,4 +39,4 @@ def test_official_readme_strings_reproduced():
 def test_other_chat_formats():
     assert prompts.MISTRAL_CHAT.format("x") == "[INST] x [/INST]"
     assert prompts.QWEN_CHAT.format("x") == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
-    assert set(prompts.CHAT_FORMATS) == {"llama3", "mistral", "vicuna", "qwen"}
+    assert set(prompts.CHAT_FORMATS) == {"llama3", "mistral", "vicuna", "qwen", "raw"}

@@ -21,7 +21,8 @@ def add_model_args(p: argparse.ArgumentParser, *, model_required: bool = True) -
     p.add_argument("--adapter", help="LoRA adapter directory to merge")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32 (auto: fp16 on GPU as the official recipe, fp32 on CPU)")
-    p.add_argument("--chat-format", choices=["llama3", "mistral", "vicuna", "qwen"], help="override the detected one")
+    p.add_argument("--chat-format", choices=["llama3", "mistral", "vicuna", "qwen", "raw"],
+                   help="override the detected one (raw: no chat turn, the prompt as it is)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-length", type=int, help="token limit per input; longer texts are truncated")
@@ -172,7 +173,8 @@ def run_embed(args) -> int:
 # --- main -----------------------------------------------------------------------------------------------------
 #: Modules that add verbs: each has ``add_parsers(sub)``, and imports nothing heavy at module level (the
 #: parser is built on every call, so ``e5v --help`` stays fast).
-VERB_MODULES: tuple[str, ...] = ("e5v.serve.cli", "e5v.store.cli", "e5v.train.cli", "e5v.bench", "e5v.eval.cli")
+VERB_MODULES: tuple[str, ...] = ("e5v.toyworld.demo", "e5v.serve.cli", "e5v.store.cli", "e5v.train.cli", "e5v.bench",
+                                 "e5v.eval.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,11 @@ VICUNA_CHAT = "USER: {} ASSISTANT:"
 #: Qwen2-VL / Qwen2.5-VL ChatML user turn followed by the assistant header (no system turn).
 QWEN_CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
-CHAT_FORMATS = {"llama3": LLAMA3_CHAT, "mistral": MISTRAL_CHAT, "vicuna": VICUNA_CHAT, "qwen": QWEN_CHAT}
+#: No chat turn: the prompt as it is (after the tokenizer's BOS). The paper's "Last" ablation embeds the raw input.
+RAW_CHAT = "{}"
+
+CHAT_FORMATS = {"llama3": LLAMA3_CHAT, "mistral": MISTRAL_CHAT, "vicuna": VICUNA_CHAT, "qwen": QWEN_CHAT,
+                "raw": RAW_CHAT}
 
 # --- task prompts (inner text) ------------------------------------------------------------------------------
 #: Text prompt of the README and ``retrieval.py`` (trailing space included).

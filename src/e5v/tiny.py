@@ -82,8 +82,8 @@ _QWEN = _Style(  # Qwen adds no BOS; unlike the real template, no default system
                                  "<|vision_start|><|image_pad|><|vision_end|>"))
 
 
-def _build_tokenizer(style: _Style, image_token: str | None = None, vocab_size: int = 500):
-    """Train a byte-level BPE on the fixed corpus and wrap it as a left-padding fast tokenizer.
+def _build_tokenizer(style: _Style, image_token: str | None = None, vocab_size: int = 500, corpus=None):
+    """Train a byte-level BPE on ``corpus`` (default: the fixed one) and wrap it as a left-padding fast tokenizer.
 
     ``image_token`` is added after training, so it is the last id (as in llava-hf checkpoints, where it sits
     on top of the base vocabulary); the E5-V quirk of an image id one past the embedding relies on that.
@@ -94,7 +94,7 @@ def _build_tokenizer(style: _Style, image_token: str | None = None, vocab_size: 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_CORPUS * 4, trainers.BpeTrainer(
+    tok.train_from_iterator(corpus or _CORPUS * 4, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(style.specials), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))             # all 256 bytes: never UNK
     extra = {}

@@ -49,7 +49,7 @@ class Backbone:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: The string the family's processor expects where an image goes.
     image_placeholder: ClassVar[str] = prompts.IMAGE
-    #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use.
+    #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use; "raw" (no chat turn) fits all.
     chat_formats: ClassVar[tuple[str, ...]] = ()
 
     #: Which side batches are padded on. Last-token pooling needs "left"; only tests change it.
@@ -60,7 +60,7 @@ class Backbone:
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
         tokenizer.padding_side = "left"
         chat_format = chat_format or self.detect_chat_format(tokenizer)
-        if chat_format not in self.chat_formats:
+        if chat_format not in (*self.chat_formats, "raw"):
             raise ConfigError(f"chat format {chat_format!r} does not fit {type(self).__name__}; "
                               f"expected one of {', '.join(self.chat_formats)}")
         self.model = model

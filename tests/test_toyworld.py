@@ -1,0 +1,175 @@
+"""The toy world, the bundled mini model's meaning, the recipe that builds it, and ``e5v demo``."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import e5v.encoder
+from e5v import E5V, prompts
+from e5v.encoder import Item
+from e5v.cli import main
+from e5v.toyworld import MINI, measure, recipe, world
+
+
+# --- the world ----------------------------------------------------------------------------------------------------
+def test_split_holds_out_combinations_and_scenes_follow_it():
+    train, held = world.split()
+    assert len(held) == 40 and not train & held and len(train | held) == 200
+    for attr, names in (("colour", world.COLOURS), ("shape", world.SHAPES), ("position", world.POSITIONS)):
+        assert {getattr(o, attr) for o in train} == set(names)   # every word is still seen in training
+    for s in world.scenes("train", 500):
+        assert set(s.objects) <= train
+    gallery = world.scenes("held-out", 200)
+    assert len({s.content for s in gallery}) == 200
+    assert all(set(s.objects) & held for s in gallery)
+    assert all(len({o.position for o in s.objects}) == len(s.objects) for s in gallery)
+    assert [s.id for s in world.scenes("held-out", 200)] == [s.id for s in gallery]   # deterministic
+
+
+def test_render_is_deterministic_and_draws_the_colours_where_they_belong():
+    scene = world.Scene((world.Obj("red", "square", "left"), world.Obj("blue", "circle", "right")), seed=3)
+    img = np.asarray(world.render(scene))
+    assert img.shape == (world.SIZE, world.SIZE, 3)
+    assert np.array_equal(img, np.asarray(world.render(scene)))
+    half = world.SIZE // 2
+    red = (img[..., 0] > 180) & (img[..., 1] < 90) & (img[..., 2] < 90)
+    blue = (img[..., 2] > 180) & (img[..., 0] < 100)
+    assert red[:, :half].sum() > 50 and red[:, half:].sum() == 0
+    assert blue[:, half:].sum() > 50 and blue[:, :half].sum() == 0
+
+
+def test_captions_name_every_attribute_in_both_registers():
+    scene = world.Scene((world.Obj("orange", "diamond", "top"),))
+    rng = random.Random(0)
+    for _ in range(20):
+        plain = world.caption(scene, rng)
+        assert "orange" in plain and "diamond" in plain and "at the top" in plain and "an orange" in plain
+    rich = {world.caption(scene, rng, rich=True) for _ in range(60)}
+    assert any("amber" in c for c in rich) and any("rhombus" in c for c in rich) and any("up north" in c for c in rich)
+    assert all(re.search(r"\ba [aeiou]", c) is None for c in rich)
+
+
+def test_edits_change_exactly_one_attribute():
+    scene = world.Scene((world.Obj("red", "square", "left"), world.Obj("blue", "circle", "right")))
+    edits = world.edits(scene)
+    assert len(edits) == 2 * (7 + 4 + 3)
+    for new, words in edits:
+        diff = [(a, b) for a, b in zip(scene.objects, new.objects) if a != b]
+        assert len(diff) == 1
+        (a, b), = diff
+        assert sum(getattr(a, f) != getattr(b, f) for f in ("colour", "shape", "position")) == 1
+        assert f"{a.colour} {a.shape}" in words and (b.colour in words or b.shape in words or b.position in words)
+
+
+# --- the bundled model ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mini():
+    with E5V.from_pretrained(str(MINI), device="cpu", dtype="float32") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return measure.gallery(200)
+
+
+def test_mini_model_is_small_and_a_llava_next_checkpoint():
+    size = sum(f.stat().st_size for f in MINI.iterdir())
+    assert size < 5 * 2 ** 20, size
+    cfg = json.loads((MINI / "config.json").read_text())
+    assert cfg["model_type"] == "llava_next" and cfg["vision_config"]["model_type"] == "clip_vision_model"
+    assert cfg["text_config"]["model_type"] == "llama"
+
+
+def test_mini_model_retrieves_unseen_scenes_with_the_e5v_prompts(mini, held_out):
+    figures = measure.evaluate(mini, held_out)
+    assert figures["t2i_r1_plain"] >= 40, figures
+    assert figures["i2t_r1_plain"] >= 30, figures
+    assert figures["gap_plain"] < evaluate_cached(mini, held_out, prompted=False)["gap_plain"]
+
+
+_cache: dict = {}
+
+
+def evaluate_cached(m, g, **kw):
+    key = tuple(sorted(kw.items()))
+    if key not in _cache:
+        _cache[key] = measure.evaluate(m, g, **kw)
+    return _cache[key]
+
+
+def test_no_prompt_loses_the_shared_space(mini, held_out):
+    assert evaluate_cached(mini, held_out, prompted=False)["t2i_r1_plain"] <= 5
+
+
+def test_first_token_pooling_fails(mini, held_out, monkeypatch):
+    monkeypatch.setattr(e5v.encoder, "pool_last", lambda h: h[:, 0])
+    assert measure.evaluate(mini, held_out)["t2i_r1_plain"] <= 5
+
+
+def test_right_padding_fails(mini, held_out, monkeypatch):
+    """Right padding pools a pad position for every caption shorter than the longest (all 200 fit one batch)."""
+    lengths = np.array([len(mini.prepare(Item(text=t), prompts.TEXT)) for t in held_out.plain])
+    padded = lengths < lengths.max()
+    assert padded.mean() > 0.5
+    images = mini.encode_image([world.render(s) for s in held_out.scenes])
+
+    def t2i_r1_of_padded():
+        sim = mini.encode_text(held_out.plain) @ images.T
+        return measure.recall_at(sim[padded], np.flatnonzero(padded), 1)
+
+    assert t2i_r1_of_padded() >= 35                    # the same captions, left-padded: found
+    monkeypatch.setattr(mini.backbone, "padding_side", "right")
+    assert t2i_r1_of_padded() <= 5
+
+
+# --- the recipe -------------------------------------------------------------------------------------------------------
+def test_training_never_shows_the_image_prompt():
+    """Stage B captions images with its own instructions; "Summary above image" must work zero-shot."""
+    rng = random.Random(1)
+    texts = [p or "" for s in world.scenes("train", 300) for p, _ in [recipe.text_example(s, rng)]]
+    texts += [recipe.image_example(s, rng)[0] for s in world.scenes("train", 300)]
+    assert any("Summary above sentence in one word" in t for t in texts)
+    assert not any("Summary above image" in t for t in texts)
+
+
+def test_nli_triplets_are_paraphrases_and_one_attribute_changes():
+    for anchor, positive, negative in recipe.triplets(50, seed=0):
+        assert anchor != negative
+        a, n = Counter(anchor.split(" ")), Counter(negative.split(" "))
+        assert 1 <= sum((a - n).values()) <= 4 and sum((a & n).values()) >= 3   # the anchor's wording, one change
+        assert positive
+
+
+def test_quick_recipe_end_to_end_is_repeatable(tmp_path):
+    first = recipe.rebuild(tmp_path / "one", recipe.QUICK)
+    recipe.rebuild(tmp_path / "two", recipe.QUICK)
+    from safetensors.numpy import load_file
+
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+    for stage in ("stage_a_loss", "stage_b_loss", "stage_c_loss"):
+        assert all(np.isfinite(first[stage]))
+    with E5V.from_pretrained(str(tmp_path / "one"), device="cpu", dtype="float32") as m:
+        vec = m.encode_image([world.render(world.scenes("held-out", 1)[0])])
+        assert vec.shape == (1, 128) and np.isclose(np.linalg.norm(vec), 1)
+
+
+# --- the demo -----------------------------------------------------------------------------------------------------------
+def test_demo_indexes_queries_reports_and_writes_a_page(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--scenes", "60"]) == 0
+    text = capsys.readouterr().out
+    assert "gallery: 60 held-out scenes" in text
+    assert len(re.findall(r"^(text|image|composed) query:", text, re.M)) == 8
+    figures = json.loads((out / "recall.json").read_text())
+    assert figures["with prompts"]["t2i_r1_plain"] > figures["without prompts"]["t2i_r1_plain"]
+    page = (out / "index.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) >= 8 * 5 and all((out / s).is_file() for s in srcs)
+    assert page.count('class="hit"') >= 4    # wanted scenes found and framed
