@@ -113,17 +113,21 @@ def test_first_token_pooling_fails(mini, held_out, monkeypatch):
 
 
 def test_right_padding_fails(mini, held_out, monkeypatch):
-    """Right padding pools a pad position for every caption shorter than the longest (all 200 fit one batch)."""
-    lengths = np.array([len(mini.prepare(Item(text=t), prompts.TEXT)) for t in held_out.plain])
+    """Right padding pools a pad position for every caption shorter than the longest in its batch. All 400 query
+    captions (both registers) go in one batch, so that is every caption shorter than the longest of all."""
+    monkeypatch.setattr(mini, "max_batch_tokens", 1 << 20)
+    monkeypatch.setattr(mini, "max_batch_size", 1024)
+    captions = held_out.plain + held_out.rich
+    lengths = np.array([len(mini.prepare(Item(text=t), prompts.TEXT)) for t in captions])
     padded = lengths < lengths.max()
-    assert padded.mean() > 0.5
+    assert padded.mean() > 0.9
     images = mini.encode_image([world.render(s) for s in held_out.scenes])
 
     def t2i_r1_of_padded():
-        sim = mini.encode_text(held_out.plain) @ images.T
-        return measure.recall_at(sim[padded], np.flatnonzero(padded), 1)
+        sim = mini.encode_text(captions) @ images.T
+        return measure.recall_at(sim[padded], np.flatnonzero(padded) % len(images), 1)
 
-    assert t2i_r1_of_padded() >= 35                    # the same captions, left-padded: found
+    assert t2i_r1_of_padded() >= 25                    # the same captions, left-padded: found
     monkeypatch.setattr(mini.backbone, "padding_side", "right")
     assert t2i_r1_of_padded() <= 5
 
@@ -160,7 +164,7 @@ def test_quick_recipe_end_to_end_is_repeatable(tmp_path):
         assert vec.shape == (1, 128) and np.isclose(np.linalg.norm(vec), 1)
 
 
-# --- the demo -----------------------------------------------------------------------------------------------------------
+# --- the demo --------------------------------------------------------------------------------------------------
 def test_demo_indexes_queries_reports_and_writes_a_page(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--scenes", "60"]) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -92,7 +91,8 @@ def run_demo(args) -> int:
         line = (f"  {name:16s} text->image R@1 {f['t2i_r1_plain']:5.1f} (rich words {f['t2i_r1_rich']:5.1f})  "
                 f"image->text R@1 {f['i2t_r1_plain']:5.1f}  modality gap {f['gap_plain']:.2f}")
         if "composed_r1" in f:
-            line += f"  composed R@1 {f['composed_r1']:.1f} R@5 {f['composed_r5']:.1f} ({f['composed_queries']} queries)"
+            line += (f"  composed R@1 {f['composed_r1']:.1f} R@5 {f['composed_r5']:.1f} "
+                     f"({f['composed_queries']} queries)")
         print(line)
     (out / "recall.json").write_text(json.dumps(figures, indent=2) + "\n")
     page = out / "index.html"
@@ -145,9 +145,3 @@ The scene the query should find has a green frame.</p>
 {''.join(rows)}
 </body></html>
 """
-
-
-if __name__ == "__main__":
-    from ..cli import main
-
-    sys.exit(main(["demo", *sys.argv[1:]]))

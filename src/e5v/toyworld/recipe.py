@@ -2,9 +2,9 @@
 
 - **Build**: a byte-level BPE tokenizer on the toy language, a CLIP-style vision tower, the LLaVA-NeXT
   projector and a Llama language model with the Llama-3 chat format, random weights.
-- **Stage A** (language model, text only, plain register): captions as plain text; paraphrase, edit and
-  question instructions; one-word summaries (``<caption>\nSummary above sentence in one word: `` -> one of the
-  scene's words, drawn at random). The toy analogue of a pretrained LLM's ability to summarise.
+- **Stage A** (language model, text only): captions of both registers as plain text; plain-register paraphrase,
+  edit and question instructions; one-word summaries (``<caption>\nSummary above sentence in one word: `` ->
+  one of the scene's words, drawn at random). The toy analogue of a pretrained LLM's ability to summarise.
 - **Stage V** (vision tower): which shape and colour is at each place; the toy analogue of LLaVA's pretrained
   CLIP tower. Without it the tower learns colour and little else through the frozen language model.
 - **Stage B** (visual instruction tuning; tower, projector and image newline, language model frozen): captions,

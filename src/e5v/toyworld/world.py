@@ -6,9 +6,10 @@ Everything is a pure function of a seed, so the recipe, the tests and the demo s
 - :func:`split` holds out a fixed fifth of the triples. Training scenes use only the other four fifths;
   held-out scenes contain at least one held-out triple, so every one of them is a combination never seen.
 - The language has a *plain* register (canonical words, a few sentence forms) and a *rich* one (synonyms and
-  other word orders, "a scarlet disc is on the west side"). The recipe's stages A and B use the plain register
-  only, so the language model never learns that the rich words mean the same things; text-only contrastive
-  training (stage C) is where that is learnt, as NLI teaches a real LLM which sentences mean the same.
+  other word orders, "a scarlet disc is on the west side"). The recipe's instructions (stages A and B) use the
+  plain register only; stage A reads rich captions as plain text, but nothing tells the language model that the
+  rich words mean the same things. Text-only contrastive training (stage C) is where that is learnt, as NLI
+  teaches a real LLM which sentences mean the same.
 """
 from __future__ import annotations
 
