@@ -95,6 +95,17 @@ def test_workers_restart_when_preprocessing_settings_change(engine):
         m.close()
 
 
+def test_workers_follow_a_chat_format_changed_after_they_started(tiny_dirs):
+    texts = ["A dog sitting in the grass.", "A cat standing in the snow."]
+    with E5V.from_pretrained(str(tiny_dirs["llava-next-llama3"]), device="cpu", dtype="float32", num_workers=1) as m:
+        chat = m.embed(texts, prompt=prompts.TEXT)
+        m.backbone.chat_format = "raw"
+        raw = m.embed(texts, prompt=prompts.TEXT)
+        want = E5V(m.backbone).embed(texts, prompt=prompts.TEXT)  # in this process
+    assert raw.tokens.tolist() == want.tokens.tolist() and (raw.tokens < chat.tokens).all()
+    np.testing.assert_array_equal(raw.vectors, want.vectors)
+
+
 @pytest.mark.parametrize("family", PACKED_FAMILIES)
 def test_packed_batches_equal_padded(family, tiny_dirs, mixed_images):
     padded = E5V.from_pretrained(str(tiny_dirs[family]), device="cpu", dtype="float32", packing=False)
