@@ -53,9 +53,9 @@ def run_demo(args) -> int:
     (out / "queries").mkdir(exist_ok=True)
     g = gallery(args.scenes)
     names = [f"{i:03d}-{s.id}.png" for i, s in enumerate(g.scenes)]
-    for name, scene in zip(names, g.scenes):
+    for name, image in zip(names, g.images):
         if not (pics / name).exists():
-            world.render(scene).save(pics / name)
+            image.save(pics / name)
     print(f"gallery: {len(names)} held-out scenes in {pics}")
     code = e5v(["index", "build", str(pics), "--model", args.model, "--out", str(out / "index"), "--no-progress"])
     if code:

@@ -19,6 +19,7 @@ from . import world
 @dataclass
 class Gallery:
     scenes: list[world.Scene]
+    images: list                  # the scenes rendered (PIL images), in order
     plain: list[str]              # one plain-register caption per scene
     rich: list[str]               # one rich-register caption per scene
     composed: list[tuple[int, str, int]]   # (reference index, modification words, target index)
@@ -31,7 +32,7 @@ def gallery(n: int = 200, seed: int = 0) -> Gallery:
     where = {s.content: i for i, s in enumerate(scenes)}
     composed = [(i, words, where[t.content]) for i, s in enumerate(scenes) for t, words in world.edits(s)
                 if t.content in where]
-    return Gallery(scenes, plain, rich, composed)
+    return Gallery(scenes, [world.render(s) for s in scenes], plain, rich, composed)
 
 
 def recall_at(scores: np.ndarray, targets: np.ndarray, k: int) -> float:
@@ -64,7 +65,7 @@ def evaluate(engine, g: Gallery, *, prompted: bool = True) -> dict:
     image token): the paper's "Last"."""
     text_prompt, image_prompt = (prompts.TEXT, prompts.IMAGE_PROMPT) if prompted else \
         (prompts.TEXT_LAST, prompts.IMAGE_LAST)
-    images = [world.render(s) for s in g.scenes]
+    images = g.images
     ids = np.arange(len(g.scenes))
     out, txt = {}, {}
     with nullcontext() if prompted else raw_input(engine):

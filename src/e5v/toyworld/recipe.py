@@ -40,8 +40,7 @@ EDIT = '<sent>\nRewrite the above sentence to "<edit>".'
 DESCRIBE = ("<image>\nDescribe the image.", "<image>\nWhat does the picture show?",
             PARAPHRASE.replace("<sent>", "<image>").replace("sentence", "image"))
 IMAGE_EDIT = EDIT.replace("<sent>", "<image>").replace("sentence", "image")
-SUMMARY_NOUNS = ("sentence", "sentence", "text", "caption", "description")
-IMAGE_TOKENS = 16 + 4 * 5    # base tile (4x4 patches) + one 4x4 tile with an image-newline per row
+SUMMARY_NOUNS = ("sentence", "sentence", "text", "caption", "description")   # E5-V's own word twice as often
 
 
 @dataclass
@@ -158,8 +157,9 @@ class Batcher:
     """Token ids, labels (-100 on prompts and padding) and image tensors of training examples.
 
     Every step draws new scenes, so the pictures are made here directly: the processor's output for a toy picture
-    is the normalised picture, once as the base tile and once as the single grid tile. The constructor checks that
-    against the processor itself."""
+    is the normalised picture, once as the base tile and once as the single grid tile, and its token ids are the
+    prompt's with ``<image>`` repeated once per image feature. The constructor checks both against the processor
+    itself."""
 
     def __init__(self, model_dir: Path):
         import numpy as np
@@ -174,10 +174,10 @@ class Batcher:
         self.mean, self.std = (np.array(v, dtype=np.float32) for v in (ip.image_mean, ip.image_std))
         probe = world.scenes("held-out", 3)
         want = [bb.prepare(bb.render("<image>"), world.render(s)) for s in probe]
-        n = int((want[0].input_ids == bb.processor.image_token_id).sum())
-        if n != IMAGE_TOKENS or not all(self.pixels([s])["pixel_values"].equal(w.images["pixel_values"])
-                                        for s, w in zip(probe, want)):
-            raise RuntimeError(f"the processor no longer matches the recipe ({n} image tokens per picture)")
+        self.image_tokens = int((want[0].input_ids == bb.processor.image_token_id).sum())
+        if self.head(bb.render("<image>")) != want[0].input_ids.tolist() or not all(
+                self.pixels([s])["pixel_values"].equal(w.images["pixel_values"]) for s, w in zip(probe, want)):
+            raise RuntimeError("the processor no longer turns a toy picture into what the recipe feeds the model")
 
     def pixels(self, scenes: list[world.Scene]) -> dict:
         import numpy as np
@@ -192,8 +192,12 @@ class Batcher:
         if prompt is None:
             ids = [self.tok.bos_token_id] + body
             return ids, ids
-        head = self.tok(prompt.replace("<image>", "<image>" * IMAGE_TOKENS))["input_ids"]
+        head = self.head(prompt)
         return head + body, [-100] * len(head) + body
+
+    def head(self, prompt: str) -> list[int]:
+        """The token ids of a rendered prompt (BOS added), each ``<image>`` expanded to its feature count."""
+        return self.tok(prompt.replace("<image>", "<image>" * self.image_tokens))["input_ids"]
 
     def batch(self, rows: list[tuple[str | None, str]], images: list[world.Scene] | None = None) -> dict:
         import torch

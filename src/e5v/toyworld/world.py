@@ -227,8 +227,8 @@ def edit_words(old: Obj, new: Obj) -> str:
 def edits(scene: Scene) -> list[tuple[Scene, str]]:
     """Every scene that differs from ``scene`` in one attribute of one object, with the words that ask for it."""
     out = []
+    taken = {x.position for x in scene.objects}
     for i, o in enumerate(scene.objects):
-        taken = {x.position for x in scene.objects}
         news = [Obj(c, o.shape, o.position) for c in COLOURS if c != o.colour] + \
                [Obj(o.colour, s, o.position) for s in SHAPES if s != o.shape] + \
                [Obj(o.colour, o.shape, p) for p in POSITIONS if p not in taken]
