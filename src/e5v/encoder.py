@@ -26,8 +26,8 @@ from PIL import Image
 
 from . import prompts
 from .backbones import Backbone, Features, select
-from .errors import BatchInputError, ConfigError, InputError, ModelLoadError
-from .inputs import clean_text, describe, load_image
+from .errors import BatchInputError, ConfigError, InputError, ModelLoadError, safe_text
+from .inputs import ALPHA_OPTIONS, clean_text, describe, load_image
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,15 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device, *, training: bool = False) -> torch.dtype:
+    """``auto``: fp32 on CPU; on a GPU fp16 (the official recipe's dtype), or for ``training`` bf16 where the GPU
+    has it (fp16 training needs loss scaling)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32  # fp16: the official recipe's dtype
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
     try:
         return DTYPES[str(dtype)]
     except KeyError:
@@ -120,8 +124,21 @@ class Preparer:
                 repr(pins))
 
     def prepare(self, item: Item, prompt: str) -> Features:
-        """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
+        """Validate, decode and tokenise one item; raises :class:`InputError` naming it, whatever went wrong with
+        it (a text the tokenizer refuses, a processor error), so that one bad item never sinks its batch.
+        A :class:`ConfigError` is about the call, not the item, and is raised as it is."""
         name = item.name or "item"  # as_item names every item; a bare Item passed here may not be
+        try:
+            return self._prepare(item, prompt, name)
+        except (InputError, ConfigError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # tokenizers' PanicException is a BaseException
+            log.debug("%s: preparing failed", safe_text(name), exc_info=True)
+            kind = type(exc).__name__
+            raise InputError(name, f"cannot be prepared ({kind}: {str(exc)[:300]})",
+                             public_reason=f"cannot be prepared ({kind})") from None
+
+    def _prepare(self, item: Item, prompt: str, name: str) -> Features:
         wants_text, wants_image = prompts.SENT in prompt, prompts.IMAGE in prompt
         if wants_text != (item.text is not None):
             if wants_text:
@@ -178,7 +195,8 @@ class E5V:
 
     def __init__(self, backbone: Backbone, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
                  window: int | None = None, max_length: int | None = None, max_pixels: int | None = None,
-                 num_workers: int = 0, packing: bool | str = "auto", group_lengths: bool = False):
+                 num_workers: int = 0, packing: bool | str = "auto", group_lengths: bool = False,
+                 alpha: str = "white"):
         """``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
         images hold their pixel tensors, up to ~7 MB each at full AnyRes). Default: 4096 texts, 128 images.
 
@@ -193,17 +211,25 @@ class E5V:
 
         ``group_lengths``: padded batches hold inputs of one length only, so no batch has padding and SDPA
         keeps its maskless causal kernel (more, smaller batches; useful for images of a few sizes).
+
+        ``alpha``: how transparent images become RGB: ``"white"`` composites them onto white (what a viewer shows);
+        ``"official"`` is the official pipeline's plain ``convert("RGB")``, which keeps the colour stored under
+        transparent pixels (the evaluation tasks use it to reproduce the paper's protocol).
         """
         if packing not in (True, False, "auto"):
             raise ConfigError(f"packing must be True, False or 'auto', not {packing!r}")
         if int(num_workers) < 0:
             raise ConfigError(f"num_workers must be >= 0, not {num_workers}")
+        if alpha not in ALPHA_OPTIONS:
+            raise ConfigError(f"alpha must be one of {', '.join(ALPHA_OPTIONS)}, not {alpha!r}")
         self.backbone = backbone
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
         self.window = window
         self.max_length = int(max_length or backbone.max_length)
-        self.image_options = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
+        self.image_options = {"alpha": alpha}
+        if max_pixels is not None:
+            self.image_options["max_pixels"] = int(max_pixels)
         self.num_workers = int(num_workers)
         self.packing = packing
         self.group_lengths = bool(group_lengths)
@@ -223,7 +249,7 @@ class E5V:
         grids of at most that many 336-px tiles (1: the base tile plus one grid tile, about 2.2x fewer image
         tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`.
         ``engine_options``: ``max_batch_tokens``, ``max_batch_size``, ``window``, ``max_length``, ``max_pixels``,
-        ``num_workers``, ``packing``, ``group_lengths``.
+        ``num_workers``, ``packing``, ``group_lengths``, ``alpha``.
         """
         from transformers import AutoConfig
 
@@ -362,8 +388,7 @@ class E5V:
                 yield self._run_window(self._collect(pool, handles), bar, t0, normalize)
         finally:
             for handles, _ in pending:  # abandoned generator: drop queued work
-                for fut in handles:
-                    fut.cancel()
+                pool.cancel(handles)
             if bar is not None:
                 bar.close()
 
@@ -381,7 +406,8 @@ class E5V:
     # --- one window in two steps (servers overlap them on two threads) -----------------------------------
     def prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
         """Preprocess ``(index, Item)`` pairs (in the worker processes when there are any); bad items are
-        recorded with their reasons, never raised."""
+        recorded with their reasons, never raised (a bad prompt raises :class:`ConfigError`)."""
+        self.check_prompt(prompt)
         pool = self._workers()
         if pool is None:
             return self._prepare_window(window, prompt)
@@ -393,8 +419,14 @@ class E5V:
 
     # --- internals ---------------------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> None:
+        """A bad prompt is the call's error, raised once before any item is prepared."""
         if not isinstance(prompt, str) or not prompt:
             raise ConfigError("the prompt must be a non-empty string")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(f"the prompt {prompt[:80]!r} cannot be encoded as UTF-8 ({e.reason} at position "
+                              f"{e.start}, {prompt[e.start]!r})") from None
         if prompt.count(prompts.IMAGE) > 1:
             raise ConfigError("a prompt may hold at most one <image>")
         if prompt.count(prompts.SENT) > 1:
@@ -448,9 +480,8 @@ class E5V:
     @staticmethod
     def _collect(pool, handles) -> Prepared:
         prep = Prepared()
-        for i, name, feats, reason in pool.collect(handles):
+        for i, name, feats, err in pool.collect(handles):
             if feats is None:
-                err = InputError(name, reason)
                 log.warning("skipped %s", err)
                 prep.skipped.append((i, err))
             else:

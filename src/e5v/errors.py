@@ -8,15 +8,33 @@ class E5VError(Exception):
     exit_code = 1
 
 
+def safe_text(s) -> str:
+    """``s`` as a str that UTF-8 can encode: a lone surrogate (from a hostile text or an undecodable file name)
+    becomes its backslash escape, so that a message about bad input can always be logged, printed or sent."""
+    s = str(s)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class InputError(E5VError):
-    """One input item was rejected. Names the item and the reason."""
+    """One input item was rejected. Names the item and the reason (both always encodable, see :func:`safe_text`).
+
+    ``public_reason`` is what a server may tell a remote client: the reason itself, except where the reason quotes
+    an internal exception's text (then only its type; the full reason belongs in the server's log)."""
 
     exit_code = 2
 
-    def __init__(self, item: str, reason: str):
-        self.item = item
-        self.reason = reason
-        super().__init__(f"{item}: {reason}")
+    def __init__(self, item: str, reason: str, public_reason: str | None = None):
+        self.item = safe_text(item)
+        self.reason = safe_text(reason)
+        self.public_reason = self.reason if public_reason is None else safe_text(public_reason)
+        super().__init__(f"{self.item}: {self.reason}")
+
+    def __reduce__(self):  # pickled with its arguments, so that it can cross process boundaries
+        return type(self), (self.item, self.reason, self.public_reason)
 
 
 class BatchInputError(E5VError):
@@ -47,3 +65,8 @@ class ConfigError(E5VError):
     """An option or a prompt does not fit the model or the task."""
 
     exit_code = 4
+
+
+class IndexDamagedError(E5VError):
+    """An index folder on disk does not match its manifest (a file missing, cut short, swapped or edited).
+    Names the partition and the problem; ``e5v index verify`` lists all, ``e5v index repair`` re-embeds them."""

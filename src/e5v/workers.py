@@ -31,15 +31,15 @@ def _init(preparer) -> None:
     _PREPARER = preparer
 
 
-def _prepare_chunk(chunk: list[tuple[int, Any]], prompt: str) -> list[tuple]:
-    """Runs in a worker: ``(index, name, ids, images, None)`` per good item, ``(index, name, None, None, reason)``
-    per rejected one."""
+def _prepare_chunk(chunk: list[tuple[int, Any]], prompt: str, preparer=None) -> list[tuple]:
+    """Runs in a worker (or here, with ``preparer``): ``(index, name, ids, images, None)`` per good item,
+    ``(index, name, None, None, InputError)`` per rejected one."""
     out = []
     for i, item in chunk:
         try:
-            f = _PREPARER.prepare(item, prompt)
+            f = (preparer or _PREPARER).prepare(item, prompt)
         except InputError as err:
-            out.append((i, err.item, None, None, err.reason))
+            out.append((i, err.item, None, None, err))
             continue
         out.append((i, item.name, f.input_ids.numpy(), {k: v.numpy() for k, v in f.images.items()}, None))
     return out
@@ -67,35 +67,53 @@ class PreparePool:
 
     def __init__(self, preparer, num_workers: int):
         self.num_workers = int(num_workers)
+        self._preparer = preparer
         self._executor = ProcessPoolExecutor(self.num_workers, mp_context=start_context(),
                                              initializer=_init, initargs=(preparer,))
         log.info("started %d preprocessing worker processes", self.num_workers)
 
-    def submit(self, window: list[tuple[int, Any]], prompt: str) -> list[Future]:
-        """Queue a window of ``(index, Item)``; returns handles for :meth:`collect`. Returns at once."""
+    def submit(self, window: list[tuple[int, Any]], prompt: str) -> list[tuple[Future, list, str]]:
+        """Queue a window of ``(index, Item)``; returns handles for :meth:`collect` or :meth:`cancel`. Returns at
+        once."""
         size = max(1, min(16, -(-len(window) // (4 * self.num_workers))))
+        chunks = [window[k:k + size] for k in range(0, len(window), size)]
         try:
-            return [self._executor.submit(_prepare_chunk, window[k:k + size], prompt)
-                    for k in range(0, len(window), size)]
+            return [(self._executor.submit(_prepare_chunk, chunk, prompt), chunk, prompt) for chunk in chunks]
         except BrokenProcessPool as exc:
             raise self._broken(exc) from None
 
+    @staticmethod
+    def cancel(handles) -> None:
+        """Drop submitted work that will not be collected."""
+        for fut, _, _ in handles:
+            fut.cancel()
+
     def collect(self, handles: list[Future]) -> list[tuple]:
-        """Wait for a submitted window: one ``(index, name, Features | None, reason | None)`` per item, in order."""
+        """Wait for a submitted window: one ``(index, name, Features | None, InputError | None)`` per item, in
+        order."""
         from .backbones import Features
         import torch
 
         rows = []
         try:
-            for fut in handles:
-                for i, name, ids, images, reason in fut.result():
-                    feats = None if reason is not None else Features(
+            for fut, chunk, prompt in handles:
+                try:
+                    done = fut.result()
+                except (BrokenProcessPool, E5VError):
+                    raise
+                except Exception:  # the chunk never reached a worker (an item that cannot be pickled): here, then
+                    log.debug("preparing a chunk of %d items in this process", len(chunk), exc_info=True)
+                    done = _prepare_chunk(chunk, prompt, self._preparer)
+                for i, name, ids, images, err in done:
+                    feats = None if err is not None else Features(
                         torch.from_numpy(ids), {k: torch.from_numpy(v) for k, v in images.items()})
-                    rows.append((i, name, feats, reason))
+                    rows.append((i, name, feats, err))
         except BrokenProcessPool as exc:
-            for fut in handles:
-                fut.cancel()
+            self.cancel(handles)
             raise self._broken(exc) from None
+        except BaseException:
+            self.cancel(handles)
+            raise
         return rows
 
     def _broken(self, exc) -> E5VError:
