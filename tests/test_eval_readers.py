@@ -202,3 +202,23 @@ def test_lazy_take_and_slice():
     lz = readers.Lazy(["a", "b", "c"], lambda k: k * 10)
     assert lz[1:3] == [10, 20] and lz.take([2, 0])[0] == 20 and lz.take([2, 0]).keys == ["c", "a"]
     assert np.asarray(lz[:]).tolist() == [0, 10, 20]
+
+
+@pytest.mark.parametrize("sep", ["\x85", "\u2028", "\x0b", "\x0c"], ids=["NEL", "LS", "VT", "FF"])
+def test_sts_b_and_sick_rows_keep_line_separators(tmp_path, sep):
+    """SentEval reads STS-B and SICK line by line (text mode: on "\\n", "\\r\\n", "\\r"); U+0085, U+2028, \\x0b and
+    \\x0c inside a row are whitespace in a sentence there (its split() breaks words on them), not row ends."""
+    root = tmp_path / "senteval"
+    (root / "STS" / "STSBenchmark").mkdir(parents=True)
+    (root / "SICK").mkdir()
+    rows = [f"main-news\tfile\t2012\t000{k}\t{k}.5\tA dog{sep}runs {k}\tA cat{sep * 2}sleeps" for k in range(3)]
+    (root / "STS" / "STSBenchmark" / "sts-test.csv").write_bytes(("\r\n".join(rows) + "\n").encode())
+    sick = ["pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"]
+    sick += [f"{k}\tA man{sep}plays {k}\tA{sep}guitar\t{k + 1}.0\tNEUTRAL" for k in range(3)]
+    (root / "SICK" / "SICK_test_annotated.txt").write_bytes(("\n".join(sick) + "\n").encode())
+
+    a, b, g = readers.read_sts(root, "sts-b").subsets["test"]
+    assert a == [f"A dog runs {k}" for k in range(3)] and b == ["A cat sleeps"] * 3
+    assert g.tolist() == [0.5, 1.5, 2.5]
+    a, b, g = readers.read_sts(root, "sick-r").subsets["test"]
+    assert a == [f"A man plays {k}" for k in range(3)] and b == ["A guitar"] * 3 and g.tolist() == [1.0, 2.0, 3.0]

@@ -361,7 +361,7 @@ def test_limit_is_a_quick_look(release, model_dir, tmp_path, capsys):
     assert res["tasks"]["sts-b"]["counts"]["pairs"] == 2
 
 
-def test_bad_image_is_skipped_and_reported(tmp_path, model_dir, capsys):
+def test_bad_image_is_skipped_and_reported(tmp_path, model_dir, capsys, caplog):
     data = tmp_path / "data"
     fx.karpathy(data / "flickr30k", "flickr30k")
     (data / "flickr30k" / "flickr30k-images" / "flickr30k_1.jpg").write_bytes(b"not a jpeg")
@@ -372,6 +372,8 @@ def test_bad_image_is_skipped_and_reported(tmp_path, model_dir, capsys):
     assert "flickr30k image 1: " in t["details"]["skipped_examples"]["images"][0]
     assert t["metrics"]["t2i_R@10"] <= 75.0  # the captions of the broken image can never hit
     assert "1 item(s) failed to embed" in cap.out
+    said = cap.err + "".join(r.getMessage() + "\n" for r in caplog.records)
+    assert said.count("flickr30k image 1: ") == 1, said  # reported once, not by the engine and the cache
 
 
 def test_missing_data_says_where_files_go(tmp_path, model_dir, capsys):
@@ -391,3 +393,62 @@ def test_sts_cleanup_and_fashioniq_text():
     assert tasks.fashioniq_query_text(["is red.", " has sleeves? "]) == "is red, has sleeves"
     assert tasks.fashioniq_query_text(["is red.", "has sleeves?"], reverse=True) == "has sleeves, is red"
     assert tasks.expand(["sts", "sts-b", "flickr30k"])[-1] == "flickr30k" and len(tasks.expand(["sts"])) == 7
+
+
+def test_missing_dataset_fails_before_anything_is_embedded(tmp_path, model_dir, monkeypatch, capsys):
+    """A run of several tasks reads every dataset first: the missing ones are all named, and nothing is embedded
+    (the first task does not run to its end before the second one's folder turns out to be missing)."""
+    data = tmp_path / "data"
+    fx.karpathy(data / "flickr30k", "flickr30k")
+    fx.senteval(data / "senteval")
+    (data / "senteval" / "SICK" / "SICK_test_annotated.txt").unlink()
+    monkeypatch.setattr(e5v.cli, "load_model", lambda args: pytest.fail("a model was loaded"))
+    out = tmp_path / "o"
+    rc, cap = run(["flickr30k", "coco", "sts-b", "sick-r", "i2i-coco", "--model", model_dir, "--data", str(data),
+                   "--out", str(out)], capsys)
+    assert rc == 1 and "Traceback" not in cap.err
+    assert "3 task(s) cannot run, so nothing was embedded" in cap.err
+    assert f"[coco, i2i-coco] coco: folder {data / 'coco'} not found" in cap.err
+    assert f"[sick-r] senteval: missing file {data / 'senteval' / 'SICK' / 'SICK_test_annotated.txt'}" in cap.err
+    assert "flickr30k]" not in cap.err and "sts-b]" not in cap.err
+    assert not out.exists()
+
+
+def test_sts_empty_sentence_is_embedded_as_the_official_code_does(tmp_path, model):
+    """eval_sts.py: mllm_template.format(' ' + template.replace('*sent 0*', s).strip()); for an empty sentence the
+    strip takes the newline too, so the prompt alone is embedded. The pair counts like any other."""
+    from e5v.encoder import Item
+    from e5v.eval import readers
+    from e5v.eval.cache import EmbeddingCache
+
+    template = "*sent_0*\nSummary_above_sentence_in_one_word:".replace("_", " ")  # its default, as it uses it
+
+    def official(s):
+        return " " + template.replace("*sent 0*", s).strip()
+
+    root = tmp_path / "senteval"
+    (root / "STS" / "STSBenchmark").mkdir(parents=True)
+    # (SentEval strips each STS-B row, so an empty sentence can only be the first of the pair there)
+    pairs = [("", fx.sentence(1), 0.5), ("  ", fx.sentence(2), 4.0), (fx.sentence(3), fx.sentence(4), 2.0),
+             (fx.sentence(5), fx.sentence(6), 3.5), (fx.sentence(7), fx.sentence(8), 1.0),
+             (fx.sentence(9), fx.sentence(10), 5.0)]
+    (root / "STS" / "STSBenchmark" / "sts-test.csv").write_text(
+        "".join(f"g\tf\t2012\t{k}\t{s}\t{a}\t{b}\n" for k, (a, b, s) in enumerate(pairs)))
+    ctx = tasks.Context(tmp_path, EmbeddingCache(tmp_path / "cache", {"m": 1}, lambda: model, progress=False), tmp_path)
+    res = tasks.sts(ctx, "sts-b")
+
+    empty = model.embed([Item(name="empty")], prompt=official("")).vectors[0]
+
+    def vec(s):
+        s = tasks.clean_sts_sentence(" ".join(s.split()))
+        return empty if s == "" else model.encode([s], prompt=prompts.STS)[0]
+
+    cos = [float(vec(a) @ vec(b)) for a, b, _ in pairs]
+    gold = [s for _, _, s in pairs]
+    assert res.metrics["spearman"] == pytest.approx(metrics.spearman(np.array(cos), np.array(gold)) * 100, abs=1e-4)
+    assert res.counts == {"pairs": 6, "sentences": 11} and not res.skipped and not res.notes
+    without = metrics.spearman(np.array(cos[2:5]), np.array(gold[2:5])) * 100
+    assert res.metrics["spearman"] != pytest.approx(without)  # dropping the pairs would change the number
+    assert readers.read_sts(root, "sts-b").subsets["test"][0][0] == ""
+    assert tasks.STS_EMPTY_PROMPT == official("") == " Summary above sentence in one word:"
+    assert prompts.fill(prompts.STS, "A dog runs.") == official("A dog runs.")

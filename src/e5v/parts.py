@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, E5VError
 
 
 def _umask() -> int:
@@ -78,5 +78,9 @@ class PartStore:
         atomic_save(self.path(k), save)
 
     def read(self, k: int) -> dict[str, np.ndarray]:
-        with np.load(self.path(k), allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
+        try:
+            with np.load(self.path(k), allow_pickle=False) as z:
+                return {name: z[name] for name in z.files}
+        except Exception as e:  # a damaged file (disk fault, hand edit): np.load raises many kinds
+            raise E5VError(f"{self.path(k)} is damaged ({type(e).__name__}: {e}); delete it and rerun the same "
+                           "command to redo that part") from e

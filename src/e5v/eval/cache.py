@@ -104,6 +104,6 @@ class EmbeddingCache:
         for p in parts:
             vectors[p["indices"]] = p["vectors"]
             valid[p["indices"]] = True
-        for i, reason in skipped[:5]:
+        for i, reason in skipped:
             log.warning("%s %s: item %d skipped: %s", dataset, side, i, reason)
         return Embedded(vectors, valid, skipped, computed)

@@ -14,7 +14,7 @@ except cirr-test). Data layout under --data: see the README section "Evaluation"
 
 
 def add_parsers(sub) -> None:
-    from ..cli import add_model_args
+    from ..cli import add_model_args, count
 
     p = sub.add_parser("eval", help="run the paper's benchmarks (retrieval, composed retrieval, I2I, STS)",
                        description="Evaluate a model on E5-V's benchmarks with the official protocols. "
@@ -26,10 +26,10 @@ def add_parsers(sub) -> None:
                                                  "DATA/senteval")
     p.add_argument("--out", default="eval-results", help="output folder (default: eval-results)")
     p.add_argument("--cache", help="embedding cache folder (default: OUT/cache)")
-    p.add_argument("--limit", type=int, help="quick look: the first N images / queries / pairs of each set")
+    p.add_argument("--limit", type=count(), help="quick look: the first N images / queries / pairs of each set")
     p.add_argument("--font", help="TrueType font for the I2I captions (default: Liberation Sans, "
                                   "metric-compatible with the official Arial)")
-    p.add_argument("--part-size", type=int, default=256, help="items per cached, resumable part")
+    p.add_argument("--part-size", type=count(), default=256, help="items per cached, resumable part")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run_eval)
 
@@ -51,15 +51,12 @@ def _identity(path: str | None) -> str | None:
 
 
 def run_eval(args) -> int:
-    from ..cli import EXIT_SKIPPED, load_model
+    from ..cli import EXIT_SKIPPED, items_reported_here, load_model
     from ..encoder import resolve_device, resolve_dtype
     from . import report, tasks
     from .cache import EmbeddingCache
 
     names = tasks.expand(args.tasks)
-    if args.limit is not None and args.limit < 1:
-        print("e5v eval: error: --limit must be at least 1", file=sys.stderr)
-        return 2
     data = Path(args.data)
     if not data.is_dir():
         print(f"e5v eval: error: --data {data}: no such folder", file=sys.stderr)
@@ -68,28 +65,30 @@ def run_eval(args) -> int:
     dtype = str(resolve_dtype(args.dtype, resolve_device(args.device))).replace("torch.", "")
     settings = {"model": _identity(args.model), "adapter": _identity(args.adapter), "dtype": dtype,
                 "chat_format": args.chat_format, "max_length": args.max_length,
-                "anyres_max_tiles": args.anyres_max_tiles}
+                "anyres_max_tiles": args.anyres_max_tiles, **tasks.ENGINE_OPTIONS}
     loaded = []
 
     def model():
         if not loaded:
-            loaded.append(load_model(args))
+            loaded.append(load_model(args, **tasks.ENGINE_OPTIONS))
         return loaded[0]
 
     cache = EmbeddingCache(Path(args.cache) if args.cache else out / "cache", settings, model,
                            part_size=args.part_size, progress=not args.no_progress)
     ctx = tasks.Context(data=data, cache=cache, out=out, limit=args.limit, font=args.font)
+    tasks.check(ctx, names)  # every dataset present and well formed before anything is embedded
     header = {"model": args.model, "adapter": args.adapter, "dtype": dtype, "chat_format": args.chat_format,
               "limit": args.limit}
     results = _previous(out / "results.json", header)
     started = time.perf_counter()
     computed, skipped = 0, 0
-    for name in names:
-        res = tasks.TASKS[name](ctx)
-        computed += res.computed
-        skipped += sum(res.skipped.values())
-        results["tasks"][name] = res.to_json()
-        js, md = report.write(out, results)  # after every task: a later failure keeps what is done
+    with items_reported_here():  # the cache reports each rejected item, from this run or from cached parts
+        for name in names:
+            res = tasks.TASKS[name](ctx)
+            computed += res.computed
+            skipped += sum(res.skipped.values())
+            results["tasks"][name] = res.to_json()
+            js, md = report.write(out, results)  # after every task: a later failure keeps what is done
     print(report.markdown({**results, "tasks": {n: results["tasks"][n] for n in names}}), end="")
     seconds = time.perf_counter() - started
     cached = "all embeddings from the cache" if not computed else f"embedded {computed} items"

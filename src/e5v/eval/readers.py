@@ -420,13 +420,20 @@ def _read_fashioniq_saved(root: Path, category: str) -> CIRData:
 
 
 # -------------------------------------------------------------------------------------------------- STS
-def _lines(dataset: str, path: Path) -> list[str]:
+def _lines(dataset: str, path: Path, *, rows: bool = False) -> list[str]:
+    r"""The lines of a SentEval file as SentEval reads it (text mode, so "\r\n" and "\r" arrive as "\n"):
+    STS12-16 with ``read().splitlines()``; STS-B and SICK (``rows``) line by line, on "\n" only, where U+0085,
+    U+2028, "\x0b" and "\x0c" are ordinary characters inside a row."""
     if not path.is_file():
         raise DatasetError(dataset, f"missing file {path}")
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetError(dataset, f"{path} is not valid UTF-8 ({exc})") from None
+    if not rows:
+        return text.splitlines()
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last row, it starts none
 
 
 def _words(s: str) -> str:
@@ -486,11 +493,11 @@ def read_sts(root: Path, task: str) -> STSData:
             out.subsets[sub] = (a, b, np.asarray(g))
     elif task == "sts-b":  # genre, file, year, id, score, sentence1, sentence2 (sometimes more columns)
         path = root / "STS" / "STSBenchmark" / "sts-test.csv"
-        out.subsets["test"] = _columns(path, _lines("senteval", path), 1, (5, 6, 4),
+        out.subsets["test"] = _columns(path, _lines("senteval", path, rows=True), 1, (5, 6, 4),
                                        "genre, file, year, id, score, sentence1, sentence2")
     elif task == "sick-r":  # a header line, then pair_ID, sentence_A, sentence_B, relatedness_score, ...
         path = root / "SICK" / "SICK_test_annotated.txt"
-        out.subsets["test"] = _columns(path, _lines("senteval", path)[1:], 2, (1, 2, 3),
+        out.subsets["test"] = _columns(path, _lines("senteval", path, rows=True)[1:], 2, (1, 2, 3),
                                        "pair_ID, sentence_A, sentence_B, relatedness_score")
     else:
         raise DatasetError("senteval", f"unknown STS task {task!r}")

@@ -17,12 +17,16 @@ import numpy as np
 
 from .. import prompts
 from ..encoder import Item
-from ..errors import ConfigError
+from ..errors import ConfigError, E5VError
 from ..parts import atomic_write_bytes
 from . import metrics, readers, render
 from .cache import EmbeddingCache, Embedded
 
 log = logging.getLogger(__name__)
+
+#: Engine settings the official protocols need (``e5v eval`` loads the model with them, and they key the cache):
+#: transparent images converted with the official pipeline's plain ``convert("RGB")``, not composited onto white.
+ENGINE_OPTIONS = {"alpha": "official"}
 
 
 @dataclass
@@ -32,6 +36,14 @@ class Context:
     out: Path                       # where task files (CIRR submission) go
     limit: int | None = None
     font: str | None = None         # font for the I2I renderer (default: Liberation Sans)
+    datasets: dict = field(default_factory=dict, repr=False)  # what was read, by reader and arguments
+
+    def read(self, reader: Callable, *args):
+        """``reader(*args)`` once per run: the check before any embedding and the task itself share it."""
+        key = (reader.__name__, *map(str, args))
+        if key not in self.datasets:
+            self.datasets[key] = reader(*args)
+        return self.datasets[key]
 
 
 @dataclass
@@ -57,6 +69,24 @@ def _count_skips(result: TaskResult, side: str, emb: Embedded) -> Embedded:
     return emb
 
 
+# ------------------------------------------------------------------------------------ what each task reads
+def _retrieval_data(ctx: Context, dataset: str) -> readers.RetrievalData:
+    coco = 5 if dataset == "coco" else None  # COCO: the first five captions of each image
+    return ctx.read(readers.read_retrieval, ctx.data / dataset, dataset, coco).limit(ctx.limit)
+
+
+def _cirr_data(ctx: Context, split: str) -> readers.CIRData:
+    return ctx.read(readers.read_cirr, ctx.data / "cirr", split).limit(ctx.limit)
+
+
+def _fashioniq_data(ctx: Context, category: str) -> readers.CIRData:
+    return ctx.read(readers.read_fashioniq, ctx.data / "fashioniq", category).limit(ctx.limit)
+
+
+def _sts_data(ctx: Context, task: str) -> readers.STSData:
+    return ctx.read(readers.read_sts, ctx.data / "senteval", task).limit(ctx.limit)
+
+
 # ------------------------------------------------------------------------------- text-image and I2I retrieval
 def _embed_images(ctx: Context, res: TaskResult, dataset: str, side: str, prompt: str, images: readers.Lazy,
                   ids: list[str], label: str) -> Embedded:
@@ -75,8 +105,7 @@ def retrieval(ctx: Context, dataset: str, *, rendered: bool) -> TaskResult:
     """Flickr30K / COCO test: t2i and i2t Recall@1/5/10.  ``rendered``: the I2I variant, where every caption is
     drawn as an image and embedded with the image prompt."""
     task = f"i2i-{dataset}" if rendered else dataset
-    data = readers.read_retrieval(ctx.data / dataset, dataset, max_captions=5 if dataset == "coco" else None)
-    data = data.limit(ctx.limit)
+    data = _retrieval_data(ctx, dataset)
     res = TaskResult(task, {}, counts={"images": len(data.image_ids), "captions": len(data.captions)})
     caps = data.captions
     if rendered:
@@ -113,7 +142,7 @@ def _gallery(ctx: Context, data: readers.CIRData, prompt: str, res: TaskResult, 
 def cirr(ctx: Context, split: str = "val") -> TaskResult:
     """CIRR val: Recall@1/5/10/50 and Recall_subset@1/2/3, reference image excluded.  CIRR test: the submission
     files of the official evaluation server (top 50, and top 3 within the image set)."""
-    data = readers.read_cirr(ctx.data / "cirr", split).limit(ctx.limit)
+    data = _cirr_data(ctx, split)
     task = "cirr" if split == "val" else "cirr-test"
     res = TaskResult(task, {}, counts={"queries": len(data.queries), "gallery": len(data.gallery_ids)})
     query_prompt, gallery_prompt = prompts.composed_prompts("cirr")
@@ -179,7 +208,7 @@ def combine_orders(a: Embedded, b: Embedded) -> Embedded:
 def fashioniq_category(ctx: Context, category: str) -> TaskResult:
     """One FashionIQ val category: R@10 and R@50 over all val images of the category.  The query is embedded
     with both caption orders; the two raw last-token states are summed, then normalised (official ``fiq_two``)."""
-    data = readers.read_fashioniq(ctx.data / "fashioniq", category).limit(ctx.limit)
+    data = _fashioniq_data(ctx, category)
     task = f"fashioniq-{category}"
     res = TaskResult(task, {}, counts={"queries": len(data.queries), "gallery": len(data.gallery_ids)})
     query_prompt, gallery_prompt = prompts.composed_prompts(task)
@@ -227,17 +256,31 @@ def clean_sts_sentence(s: str) -> str:
     return s
 
 
+#: What eval_sts.py embeds for an empty sentence: it strips the filled template before adding the leading space,
+#: so the newline after the (missing) sentence goes too and the prompt alone remains.
+STS_EMPTY_PROMPT = " " + prompts.fill(prompts.STS, "").strip()
+
+
 def sts(ctx: Context, task: str) -> TaskResult:
     """Spearman x 100 of the cosine of the two sentences' vectors against the gold scores; STS12-16 in SentEval's
-    "all" aggregation (one correlation over every subset's pairs), STS-B and SICK-R on their test splits."""
-    data = readers.read_sts(ctx.data / "senteval", task).limit(ctx.limit)
+    "all" aggregation (one correlation over every subset's pairs), STS-B and SICK-R on their test splits.  An empty
+    sentence is embedded as the official code does (:data:`STS_EMPTY_PROMPT`), not left out."""
+    data = _sts_data(ctx, task)
     cleaned = {name: ([clean_sts_sentence(s) for s in a], [clean_sts_sentence(s) for s in b], g)
                for name, (a, b, g) in data.subsets.items()}
-    unique = sorted({s for a, b, _ in cleaned.values() for s in a + b})
-    where = {s: i for i, s in enumerate(unique)}
+    sentences = {s for a, b, _ in cleaned.values() for s in a + b}
+    unique = sorted(sentences - {""})
     items = [Item(text=s, name=f"{task} sentence {s[:60]!r}") for s in unique]
-    res = TaskResult(task, {}, counts={"pairs": sum(len(g) for _, _, g in cleaned.values()), "sentences": len(unique)})
+    res = TaskResult(task, {}, counts={"pairs": sum(len(g) for _, _, g in cleaned.values()),
+                                       "sentences": len(sentences)})
     emb = _count_skips(res, "sentences", ctx.cache.embed("sts", "sentences", prompts.STS, items, unique))
+    if "" in sentences:  # the engine rejects an empty text: its official input is the prompt alone, with no text
+        empty = _count_skips(res, "empty sentence", ctx.cache.embed(
+            "sts", "empty-sentence", STS_EMPTY_PROMPT, [Item(name=f"{task} empty sentence")], [""]))
+        emb = Embedded(np.concatenate([emb.vectors if unique else empty.vectors[:0], empty.vectors]),
+                       np.concatenate([emb.valid, empty.valid]), [])
+        unique.append("")
+    where = {s: i for i, s in enumerate(unique)}
     sys_all, gold_all, per = [], [], {}
     dropped = 0
     for name, (a, b, g) in cleaned.items():
@@ -275,6 +318,35 @@ GROUPS = {
     "sts": STS_TASKS,
     "paper": ("flickr30k", "coco", "cirr", "fashioniq", "i2i-flickr30k", "i2i-coco", *STS_TASKS),
 }
+
+
+#: What each task reads (its datasets, the I2I font): all of it is checked before anything is embedded.
+NEEDS: dict[str, Callable[[Context], object]] = {
+    "flickr30k": lambda ctx: _retrieval_data(ctx, "flickr30k"),
+    "coco": lambda ctx: _retrieval_data(ctx, "coco"),
+    "cirr": lambda ctx: _cirr_data(ctx, "val"),
+    "cirr-test": lambda ctx: _cirr_data(ctx, "test1"),
+    "fashioniq": lambda ctx: [_fashioniq_data(ctx, c) for c in readers.FASHIONIQ_CATEGORIES],
+    **{f"fashioniq-{c}": (lambda ctx, c=c: _fashioniq_data(ctx, c)) for c in readers.FASHIONIQ_CATEGORIES},
+    "i2i-flickr30k": lambda ctx: (_retrieval_data(ctx, "flickr30k"), render.load_font(ctx.font)),
+    "i2i-coco": lambda ctx: (_retrieval_data(ctx, "coco"), render.load_font(ctx.font)),
+    **{t: (lambda ctx, t=t: _sts_data(ctx, t)) for t in STS_TASKS},
+}
+
+
+def check(ctx: Context, names) -> None:
+    """Read what every task of a run needs before anything is embedded, so that a missing or malformed dataset
+    fails the run at once (naming each one), not after the tasks before it have run."""
+    problems: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            NEEDS[name](ctx)
+        except E5VError as err:
+            problems.setdefault(str(err), []).append(name)
+    if problems:
+        lines = [f"[{', '.join(who)}] {message}" for message, who in problems.items()]
+        raise E5VError(f"{sum(map(len, problems.values()))} task(s) cannot run, so nothing was embedded:\n"
+                       + "\n".join(lines))
 
 
 def expand(names) -> list[str]:
