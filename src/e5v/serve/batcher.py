@@ -6,7 +6,10 @@ engine (decode, tokenise, AnyRes; in the engine's worker processes when it has `
 thread runs each prepared group (the engine sorts it by length and splits it into forward passes under its
 token budget) while the next group is being prepared: preprocessing overlaps the forward passes, and one
 prepared group at most waits for the model. There is never more than one forward pass at a time. A rejected
-item fails its own request (with the engine's reason) and no other.
+item fails its own request (with the engine's reason) and no other: when preparing a merged group raises,
+its items are prepared one by one and an item that raises is that item's failure (a 400 for its request);
+when the model fails on a merged group, each request is run alone, so that only the one it fails on gets
+the 500. A 500 names no internals: the traceback is logged.
 """
 from __future__ import annotations
 
@@ -21,10 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..encoder import E5V, Item, Prepared, as_item
+from ..errors import InputError
 from .metrics import Metrics
 from .payload import RequestError
 
 log = logging.getLogger(__name__)
+
+#: What a failure on one item or group may never swallow. Anything else (tokenizers' PanicException is a
+#: BaseException) fails the item or the group, never the batcher's threads.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass
@@ -51,9 +59,17 @@ def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
         pass
 
 
-def _fail(jobs: list[Job], stage: str, exc: Exception) -> None:
+def _fail(jobs: list[Job], stage: str) -> None:
     for job in jobs:
-        _resolve(job, error=RequestError(500, f"{stage} failed: {type(exc).__name__}: {exc}", kind="server_error"))
+        _resolve(job, error=RequestError(500, f"{stage} failed on this request; the server log has the details",
+                                         kind="server_error"))
+
+
+def _subset(prep: Prepared, start: int, stop: int) -> Prepared:
+    """The part of a prepared group that belongs to positions ``start:stop``, re-indexed from 0."""
+    keep = [k for k, i in enumerate(prep.ok_idx) if start <= i < stop]
+    return Prepared([prep.ok_idx[k] - start for k in keep], [prep.names[k] for k in keep],
+                    [prep.feats[k] for k in keep], [(i - start, e) for i, e in prep.skipped if start <= i < stop])
 
 
 class Batcher:
@@ -147,8 +163,8 @@ class Batcher:
             for job in left:
                 _resolve(job, error=RequestError(503, "the server is shutting down", kind="server_error"))
 
-    def _prepare(self, prompt: str, jobs: list[Job]) -> Prepared | Exception:
-        """The group's items through the engine's preprocessing; an exception is handed on to fail the group.
+    def _prepare(self, prompt: str, jobs: list[Job]) -> Prepared:
+        """The group's items through the engine's preprocessing; never raises.
 
         This and :meth:`_run_group` are the engine's two steps for one window (``E5V.prepare_window`` and
         ``E5V.run_prepared``, so that the vectors are exactly the engine's), run on two threads."""
@@ -156,9 +172,26 @@ class Batcher:
         window = [(i, as_item(it, i, prompt)) for i, it in enumerate(it for job in jobs for it in job.items)]
         try:
             return model.prepare_window(window, prompt)
-        except Exception as exc:
-            log.exception("preprocessing failed for %d items", len(window))
-            return exc
+        except _FATAL:
+            raise
+        except BaseException:
+            log.exception("preprocessing failed for a group of %d items; preparing them one by one", len(window))
+        prep = Prepared()
+        for i, item in window:
+            try:
+                one = model.prepare_window([(i, item)], prompt)
+            except _FATAL:
+                raise
+            except BaseException as exc:
+                log.exception("preprocessing failed for %s", item.name)
+                one = Prepared(skipped=[(i, InputError(item.name, f"this item could not be prepared for the model "
+                                                                  f"({type(exc).__name__}; the server log has the "
+                                                                  "details)"))])
+            prep.ok_idx += one.ok_idx
+            prep.names += one.names
+            prep.feats += one.feats
+            prep.skipped += one.skipped
+        return prep
 
     def _model_loop(self) -> None:
         while True:
@@ -168,16 +201,22 @@ class Batcher:
                 return
             self._run_group(*ready)
 
-    def _run_group(self, jobs: list[Job], prep: Prepared | Exception) -> None:
+    def _run_group(self, jobs: list[Job], prep: Prepared) -> None:
         items = sum(len(job.items) for job in jobs)
         self.metrics.observe_batch(items)
-        if isinstance(prep, Exception):
-            return _fail(jobs, "preprocessing", prep)
         try:
             res = self.model.run_prepared(prep)
-        except Exception as exc:  # a model failure fails these requests, never the worker
-            log.exception("model call failed for %d items", items)
-            return _fail(jobs, "the model", exc)
+        except _FATAL:
+            raise
+        except BaseException:  # a model failure fails these requests, never the worker
+            log.exception("model call failed for %d items of %d request(s)", items, len(jobs))
+            if len(jobs) == 1:
+                return _fail(jobs, "the model")
+            start = 0
+            for job in jobs:  # each request alone: only the one the model fails on gets the 500
+                self._run_group([job], _subset(prep, start, start + len(job.items)))
+                start += len(job.items)
+            return
         row = np.full(items, -1, dtype=np.int64)
         row[res.indices] = np.arange(len(res.indices))
         bad = dict(res.skipped)

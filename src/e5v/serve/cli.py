@@ -27,13 +27,19 @@ def add_parsers(sub) -> None:
                    help="let requests name image files under these folders (off by default)")
     p.add_argument("--allow-urls", nargs="+", default=[], metavar="PREFIX",
                    help="let requests name image URLs starting with these prefixes, e.g. https://cdn.example.com/img/ "
-                        "(off by default; redirects are not followed)")
+                        "(off by default; checked on the percent-decoded URL, dot segments refused, redirects not "
+                        "followed)")
+    p.add_argument("--url-timeout", type=float, default=10.0,
+                   help="seconds one image URL fetch may take in all (default 10)")
     lim = p.add_argument_group("limits per request")
     lim.add_argument("--max-items", type=int, default=64, help="items per /v1/embeddings request (default 64)")
     lim.add_argument("--max-body-mb", type=float, default=32, help="request body size in MiB (default 32)")
     lim.add_argument("--max-image-mb", type=float, default=16, help="encoded size of one image in MiB (default 16)")
     lim.add_argument("--max-pixels", type=int, default=40_000_000,
                      help="width x height of one image, checked before decoding (default 40M)")
+    lim.add_argument("--max-request-pixels", type=int, default=64_000_000,
+                     help="pixels of all images of one request, counted from their headers before decoding; "
+                          "more is refused with 413 (default 64M)")
     lim.add_argument("--max-text-chars", type=int, default=20_000, help="characters of one text (default 20000)")
     lim.add_argument("--max-k", type=int, default=100, help="largest k for /v1/search (default 100)")
     bat = p.add_argument_group("batching")
@@ -41,8 +47,22 @@ def add_parsers(sub) -> None:
                      help="items merged into one model call (two such groups are held prepared at most: one "
                           "running, the next preprocessed meanwhile)")
     bat.add_argument("--max-queue-items", type=int, default=4096, help="items waiting before 503 'busy'")
+    bat.add_argument("--max-queue-pixels", type=int, default=128_000_000,
+                     help="image pixels held by all requests together, counted from their headers, before 503 "
+                          "'busy' (decoding and preprocessing cost about 18 bytes a pixel at peak; default 128M)")
     bat.add_argument("--batch-wait-ms", type=float, default=2.0,
                      help="how long the model waits for more requests to merge (default 2 ms)")
+    con = p.add_argument_group("connections")
+    con.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection has to send a request's headers (default 10)")
+    con.add_argument("--keep-alive-timeout", type=int, default=5,
+                     help="seconds an idle kept-alive connection stays open (default 5)")
+    con.add_argument("--body-timeout", type=float, default=60.0,
+                     help="seconds a request has to send its body (default 60)")
+    con.add_argument("--max-connections", type=int, default=1000,
+                     help="open connections; at the cap the longest-idle one is closed to make room, and when all "
+                          "are busy a newcomer gets 503 (default 1000, and at most the descriptor limit - 128)")
+    con.add_argument("--backlog", type=int, default=128, help="connections waiting to be accepted (default 128)")
     p.set_defaults(run=run_serve)
 
 
@@ -50,7 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..cli import load_model
     from .app import Settings, create_app
     from .payload import Limits
-    from .server import LOOPBACK, config
+    from .server import LOOPBACK, Connections, config, listen
 
     if args.host not in LOOPBACK and not args.api_key:
         print(f"e5v serve: warning: binding {args.host} without --api-key: anyone who can reach this port can use "
@@ -61,31 +81,40 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
     limits = Limits(max_items=args.max_items, max_body_bytes=int(args.max_body_mb * MiB),
                     max_image_bytes=int(args.max_image_mb * MiB), max_pixels=args.max_pixels,
-                    max_text_chars=args.max_text_chars, max_k=args.max_k)
+                    max_request_pixels=args.max_request_pixels, max_text_chars=args.max_text_chars, max_k=args.max_k)
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key, limits=limits,
                         allow_paths=tuple(args.allow_local_paths), allow_urls=tuple(args.allow_urls),
                         max_batch_items=args.max_batch_items, max_queue_items=args.max_queue_items,
-                        batch_wait_ms=args.batch_wait_ms)
-    index = None
-    if args.index:
-        from ..store import open_index
-
-        index = open_index(args.index)
-        if index.info.get("model") != args.model or index.info.get("adapter") != args.adapter:
-            print(f"e5v serve: warning: the index was built with {index.info.get('model')} (adapter "
-                  f"{index.info.get('adapter')}); queries are embedded with {args.model} (adapter {args.adapter})",
-                  file=sys.stderr)
-    model = load_model(args)
-    app = create_app(model, settings, index)
-    import uvicorn
-
-    what = f", index {args.index} ({index.info.get('count')} items)" if index is not None else ""
-    print(f"serving {settings.model_name} ({model.dim}-d){what} on http://{args.host}:{args.port}", flush=True)
-    server = uvicorn.Server(config(app, args.host, args.port, log_level="info" if args.verbose else "warning"))
+                        max_queue_pixels=args.max_queue_pixels, batch_wait_ms=args.batch_wait_ms,
+                        url_timeout=args.url_timeout, body_timeout=args.body_timeout)
+    connections = Connections(header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                              max_connections=args.max_connections, backlog=args.backlog)
+    sock = listen(args.host, args.port, connections.backlog)  # a taken port fails here, before anything is loaded
     try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised Ctrl-C
-        pass
+        index = None
+        if args.index:
+            from ..store import open_index
+
+            index = open_index(args.index)
+            if index.info.get("model") != args.model or index.info.get("adapter") != args.adapter:
+                print(f"e5v serve: warning: the index was built with {index.info.get('model')} (adapter "
+                      f"{index.info.get('adapter')}); queries are embedded with {args.model} (adapter {args.adapter})",
+                      file=sys.stderr)
+        model = load_model(args)
+        app = create_app(model, settings, index)
+        import uvicorn
+
+        what = f", index {args.index} ({index.info.get('count')} items)" if index is not None else ""
+        port = sock.getsockname()[1]  # the one bound (--port 0 picks a free one)
+        print(f"serving {settings.model_name} ({model.dim}-d){what} on http://{args.host}:{port}", flush=True)
+        server = uvicorn.Server(config(app, args.host, port, log_level="info" if args.verbose else "warning",
+                                       connections=connections))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised Ctrl-C
+            pass
+    finally:
+        sock.close()
     m = app.state.metrics
     requests = sum(m.requests.values())
     errors = sum(n for (_, status), n in m.requests.items() if status >= 400)
