@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, IndexDamagedError
 from ..parts import atomic_save
 from .index import Index
-from .layout import read_manifest, write_manifest
+from .layout import digest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,12 @@ def _faiss():
 
 
 def read_ann(path: Path):
-    return _faiss().read_index(str(path))
+    try:
+        return _faiss().read_index(str(path))
+    except RuntimeError as exc:  # faiss reports a damaged file this way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise IndexDamagedError(f"{path}: not a readable approximate index ({reason}); search with --exact, or "
+                                "rebuild it with `e5v index repair`") from None
 
 
 def _new_hnsw(dim: int, dtype: str, m: int, ef_construction: int):
@@ -74,7 +79,8 @@ def recall_at_10(index: Index, queries: np.ndarray | None = None, *, sample: int
 def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int = 200, ef_search: int = 128,
               queries: np.ndarray | None = None, update: bool = False) -> dict:
     """Build (or with ``update``, extend with the rows added since) the HNSW index of ``folder``; measure its
-    recall@10 and record both in the manifest. Returns the manifest's "ann" entry."""
+    recall@10 and record both in the manifest. Returns the manifest's "ann" entry. A stale one (partitions were
+    rewritten by ``index repair`` or ``add --update``) is built again with its options."""
     folder = Path(folder).resolve()
     index = Index(folder)
     old = index.manifest.get("ann")
@@ -82,11 +88,14 @@ def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int 
         raise ConfigError(f"{folder} has an unfinished build or add; rerun it before building the approximate index")
     if index.count == 0:
         raise ConfigError(f"{folder} holds no vectors")
+    if update and old and old.get("stale"):  # partitions were rewritten since: build it again, same options
+        update, dtype, m, ef_construction, ef_search = False, old["dtype"], old["m"], old["ef_construction"], \
+            old["ef_search"]
     if update and old:
         if old["count"] == index.count:
             return old
         dtype, m, ef_construction, ef_search = old["dtype"], old["m"], old["ef_construction"], old["ef_search"]
-        ann, start = read_ann(folder / old["file"]), old["count"]
+        ann, start = index.ann(), old["count"]
     else:
         if dtype not in ANN_DTYPES:
             raise ConfigError(f"unknown ann dtype {dtype!r}; expected one of {', '.join(ANN_DTYPES)} "
@@ -106,6 +115,7 @@ def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int 
     info.update({"recall_at_10": round(recall, 4), "recall_queries": nq,
                  "recall_query_source": "given queries" if queries is not None else "sample of indexed vectors"})
     atomic_save(folder / info["file"], lambda tmp: _faiss().write_index(ann, tmp))
+    info["sha256"] = digest(folder / info["file"])
     manifest = read_manifest(folder)
     manifest["ann"] = info
     write_manifest(folder, manifest)

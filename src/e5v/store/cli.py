@@ -1,4 +1,5 @@
-"""``e5v index build|add|ann|info`` and ``e5v search``: the index verbs. Nothing heavy is imported at module level."""
+"""``e5v index build|add|ann|info|verify|repair`` and ``e5v search``: the index verbs. Nothing heavy is imported at
+module level."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 
 from ..cli import EXIT_SKIPPED, add_model_args, load_model
+from ..errors import safe_text
 
 PQ_NOTE = ("Scalar quantisation only: product quantisation (PQ) loses the structure that separates a text query "
            "from image vectors, and cross-modal recall suffers (clip-retrieval#76).")
@@ -36,14 +38,38 @@ def add_parsers(sub) -> None:
     b.set_defaults(run=run_build)
 
     a = verbs.add_parser("add", help="append new items to an index",
-                         description="Embed the items of SOURCE whose ids the index does not hold yet, with the "
-                                     "index's model and prompts. Resumable like build; extends the approximate "
+                         description="Embed the items of SOURCE that the index does not hold yet, with the "
+                                     "index's model and prompts. Image files get ids relative to the folder the "
+                                     "index was built from, or absolute ones outside it; an id the index gives to "
+                                     "another item is refused. Items changed since they were indexed are reported "
+                                     "(--update re-embeds them). Resumable like build; extends the approximate "
                                      "index if there is one.")
     a.add_argument("index")
     a.add_argument("source")
+    a.add_argument("--update", action="store_true",
+                   help="re-embed items whose file (size, mtime) or text changed since they were indexed")
     add_model_args(a, model_required=False)
     _add_job_args(a)
     a.set_defaults(run=run_add)
+
+    v = verbs.add_parser("verify", help="check every file of an index against its manifest and checksums",
+                         description="Check every partition (shape, sizes, sha256 of vectors and rows, rows), the "
+                                     "approximate index, and stray files. Exit status 1 names the damage.")
+    v.add_argument("index")
+    v.add_argument("--write", action="store_true", help="record checksums for partitions that have none (an "
+                                                        "index written by an older e5v)")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(run=run_verify)
+
+    r = verbs.add_parser("repair", help="re-embed only the damaged partitions of an index",
+                         description="Re-embed the partitions that `e5v index verify` finds damaged (from their "
+                                     "rows, or from the recorded source), remove stray files, rebuild a damaged "
+                                     "approximate index. Each partition is switched in atomically; rerun after an "
+                                     "interruption.")
+    r.add_argument("index")
+    add_model_args(r, model_required=False)
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(run=run_repair)
 
     n = verbs.add_parser("ann", help="build the approximate (HNSW) index and report its recall@10",
                          description="Build a faiss HNSW index over the stored vectors and measure its recall@10 "
@@ -118,26 +144,29 @@ def _settings(args) -> dict:
             "dtype": args.precision}
 
 
-def _read_entries(source: str):
+def _read_entries(source: str, *, rebase: bool, root: str | None):
     from ..errors import InputError
     from .sources import read_source
 
-    entries = read_source(source)
+    entries = read_source(source, rebase=rebase, root=root)
     if not entries:
         raise InputError(source, "no items to index")
     return entries
 
 
-def _run_job(args, folder: str, settings: dict, *, add: bool) -> int:
+def _run_job(args, folder: str, settings: dict, *, add: bool, root: str | None = None) -> int:
     from .build import Ranks, run_job
 
     ranks = Ranks()
     ranks.start()
     try:
         args.device = ranks.device(args.device)
-        entries = _read_entries(args.source)
-        summary = run_job(folder, entries, settings, add=add, part_size=args.part_size, source=args.source,
-                          load_model=lambda: load_model(args), progress=not args.no_progress, ranks=ranks)
+        entries = _read_entries(args.source, rebase=add, root=root)
+        source = os.path.abspath(args.source)  # recorded: `index repair` reads it again from any folder
+        summary = run_job(folder, entries, settings, add=add, part_size=args.part_size, source=source,
+                          load_model=lambda: load_model(args), progress=not args.no_progress, ranks=ranks,
+                          root=None if add or not os.path.isdir(args.source) else source,
+                          update=getattr(args, "update", False))
         status = _report(args, folder, summary, add=add) if ranks.rank == 0 else 0
         ranks.barrier()  # the ranks leave the process group together (an early leaver can abort a peer's gloo)
         return status
@@ -152,9 +181,14 @@ def _report(args, folder: str, summary, *, add: bool) -> int:
               f"Use `e5v index add {folder} SOURCE` for new items")
         return 0
     for s in summary.skipped[:20]:
-        print(f"skipped {s['item']}: {s['reason']}", file=sys.stderr)
+        print(f"skipped {safe_text(s['item'])}: {safe_text(s['reason'])}", file=sys.stderr)
     if len(summary.skipped) > 20:
         print(f"... and {len(summary.skipped) - 20} more", file=sys.stderr)
+    if summary.changed and not getattr(args, "update", False):
+        for _, _, e in summary.changed[:20]:
+            print(f"changed since indexed: {safe_text(e.label)}", file=sys.stderr)
+        print(f"{len(summary.changed)} item(s) changed since they were indexed; `e5v index add {folder} "
+              f"{args.source} --update` re-embeds them", file=sys.stderr)
     ann_line = ""
     if (m.get("ann") or getattr(args, "ann", None)) and m["count"]:
         from .ann import build_ann
@@ -164,6 +198,10 @@ def _report(args, folder: str, summary, *, add: bool) -> int:
     rate = (f"{summary.embedded / summary.seconds:.1f} items/s" if summary.embedded and summary.seconds > 0
             else "nothing left to embed")
     known = f", {summary.known} already in the index" if add else ""
+    if summary.changed and getattr(args, "update", False):
+        known += f", {summary.updated} changed re-embedded"
+    elif summary.changed:
+        known += f", {len(summary.changed)} changed (not updated)"
     resumed = f", {summary.resumed_parts} partitions resumed" if summary.resumed_parts else ""
     skipped = (f", skipped {len(summary.skipped)} (see {os.path.join(folder, 'skipped.jsonl')})"
                if summary.skipped else ", skipped 0")
@@ -202,7 +240,49 @@ def run_add(args) -> int:
     _fill_model_args(args, manifest)
     settings = {**{k: manifest.get(k) for k in (*MODEL_SETTINGS, "prompt", "dtype")},
                 **{k: v for k, v in given.items() if v is not None}}
-    return _run_job(args, args.index, settings, add=True)
+    from .build import index_root
+
+    return _run_job(args, args.index, settings, add=True, root=index_root(manifest))
+
+
+def run_verify(args) -> int:
+    from .repair import verify, write_checksums
+
+    if args.write:
+        n = write_checksums(args.index)
+        print(f"recorded checksums of {n} partitions", file=sys.stderr)
+    report = verify(args.index, progress=not args.no_progress)
+    for line in report.lines():
+        print(line)
+    if report.unchecked:
+        print(f"{len(report.unchecked)} partitions have no checksums (written by an older e5v): their shapes, sizes "
+              f"and rows were checked; `e5v index verify {args.index} --write` records checksums", file=sys.stderr)
+    damaged = [*report.partitions, *(["ann"] if report.ann else []), *(p.name for p in report.stray)]
+    print(f"verified {args.index}: {report.count} items, "
+          f"{'damaged: ' + ', '.join(damaged) if damaged else 'no damage found'}", file=sys.stderr)
+    return 1 if damaged else 0
+
+
+def run_repair(args) -> int:
+    from .layout import read_manifest
+    from .repair import repair
+
+    manifest = read_manifest(args.index)
+    if manifest is None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{args.index}: no index there (no manifest.json)")
+    _fill_model_args(args, manifest)
+    report, skipped = repair(args.index, lambda: load_model(args), progress=not args.no_progress)
+    for s in skipped[:20]:
+        print(f"skipped {safe_text(s['item'])}: {safe_text(s['reason'])}", file=sys.stderr)
+    if report.ok:
+        print(f"{args.index}: no damage found; nothing to repair")
+        return 0
+    print(f"repaired {args.index}: re-embedded {len(report.partitions)} partitions"
+          f"{' (' + ', '.join(report.partitions) + ')' if report.partitions else ''}, removed "
+          f"{len(report.stray)} stray files{', rebuilt the approximate index' if report.ann else ''}")
+    return EXIT_SKIPPED if skipped else 0
 
 
 def run_ann(args) -> int:
@@ -222,6 +302,7 @@ def run_info(args) -> int:
 
 def run_search(args) -> int:
     from . import embed_query, open_index
+    from .layout import json_line
 
     if args.query is not None and args.text is not None:
         print("e5v search: error: give the text either as QUERY or with --text, not both", file=sys.stderr)
@@ -237,11 +318,11 @@ def run_search(args) -> int:
     hits = index.search(query[None], args.top_k, exact=args.exact)[0]
     mode = "exact" if args.exact or not index.info["ann"] else "hnsw"
     if args.json:
-        print(json.dumps({"index": index.info["path"], "model": args.model, "search": mode,
+        print(json_line({"index": index.info["path"], "model": args.model, "search": mode,
                           "query": {"text": text, "image": args.image and os.path.abspath(args.image),
                                     "task": args.task if text is not None and args.image else None},
                           "results": [{"rank": r, "id": h.id, "score": h.score, "meta": h.meta}
-                                      for r, h in enumerate(hits, 1)]}, ensure_ascii=False))
+                                      for r, h in enumerate(hits, 1)]}))
         return 0
     for r, h in enumerate(hits, 1):
         meta = dict(h.meta)
@@ -249,8 +330,8 @@ def run_search(args) -> int:
             what = repr(meta.pop("text"))
         else:
             what = meta.pop("image") or f"{meta.pop('shard')}:{meta.pop('member')}"
-        extra = f"  {json.dumps(meta, ensure_ascii=False)}" if meta else ""
-        print(f"{r:3d}  {h.score:+.4f}  {h.id}  {what}{extra}")
+        extra = f"  {json_line(meta)}" if meta else ""
+        print(f"{r:3d}  {h.score:+.4f}  {safe_text(h.id)}  {safe_text(what)}{extra}")
     print(f"{len(hits)} of {index.count} items ({mode} search, {index.info['model']})", file=sys.stderr)
     return 0
 

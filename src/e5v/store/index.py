@@ -1,5 +1,9 @@
 """Reading an index folder and searching it: exact inner product over memory-mapped partitions by default, the
-approximate (HNSW) index when one was built, with its candidates re-scored exactly."""
+approximate (HNSW) index when one was built, with its candidates re-scored exactly.
+
+Damage never gives a wrong answer: opening checks every partition's shape, dtype and sizes against the manifest,
+and a partition's files are checked against their recorded checksums when they are first read (the approximate
+index's file too), so a swapped, cut or edited file is an :class:`e5v.errors.IndexDamagedError` naming it."""
 from __future__ import annotations
 
 import logging
@@ -10,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from .layout import MANIFEST, read_jsonl, read_manifest, read_tar_member, rows_path, vectors_path
+from ..errors import ConfigError, IndexDamagedError
+from .layout import MANIFEST, check_vectors, digest, part_file, partition_problems, read_manifest, read_rows
+from .layout import read_tar_member, vectors_path
+
+REPAIR_HINT = "`e5v index verify` lists all damage, `e5v index repair` re-embeds damaged partitions"
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,10 @@ class Index:
             raise ConfigError(f"{path}: not an e5v index (no {MANIFEST}); build one with `e5v index build`")
         self.manifest = manifest
         self.parts = [p["name"] for p in manifest["partitions"]]
+        for i, name in enumerate(self.parts):
+            problems = partition_problems(self.path, manifest, i)
+            if problems:
+                raise IndexDamagedError(f"{self.path}: {name} is damaged: {problems[0]}; {REPAIR_HINT}")
         self.offsets = np.concatenate([[0], np.cumsum([p["count"] for p in manifest["partitions"]])]).astype(np.int64)
         self._lock = threading.Lock()
         self._vectors: dict[int, np.ndarray] = {}
@@ -90,16 +101,22 @@ class Index:
 
     # --- lazy, cached access to the partitions --------------------------------------------------------------
     def vectors(self, i: int) -> np.ndarray:
-        """Partition ``i``'s vectors, memory-mapped (nothing is read until it is scored)."""
+        """Partition ``i``'s vectors, memory-mapped; read once on first use to check its recorded checksum."""
         with self._lock:
             if i not in self._vectors:
-                self._vectors[i] = np.load(vectors_path(self.path, self.parts[i]), mmap_mode="r")
+                path = vectors_path(self.path, part_file(self.manifest["partitions"][i]))
+                try:
+                    check_vectors(self.path, self.manifest, i)
+                    self._vectors[i] = np.load(path, mmap_mode="r")
+                except OSError as exc:  # say, repaired by another process since this one opened the index
+                    raise IndexDamagedError(f"{path}: cannot read it ({exc.strerror or exc}); if the index was "
+                                            "repaired or updated since it was opened, open it again") from None
             return self._vectors[i]
 
     def rows(self, i: int) -> list[dict]:
         with self._lock:
             if i not in self._rows:
-                self._rows[i] = read_jsonl(rows_path(self.path, self.parts[i]))
+                self._rows[i] = read_rows(self.path, self.manifest, i)
             return self._rows[i]
 
     def row(self, pos: int) -> dict:
@@ -207,13 +224,22 @@ class Index:
     def ann(self):
         """The approximate index (faiss), or None when none was built."""
         info = self.manifest.get("ann")
-        if not info:
+        if not info or info.get("stale"):
             return None
         with self._lock:
             if self._ann is None:
                 from .ann import read_ann
 
-                self._ann = read_ann(self.path / info["file"])
+                path = self.path / info["file"]
+                if not path.exists() or ("sha256" in info and digest(path) != info["sha256"]):
+                    what = "damaged" if path.exists() else "missing"
+                    raise IndexDamagedError(f"{path}: the approximate index is {what}; search with --exact, or "
+                                            "rebuild it with `e5v index repair`")
+                self._ann = read_ann(path)
+                if self._ann.ntotal != info["count"] or self._ann.d != self.dim:
+                    self._ann = None
+                    raise IndexDamagedError(f"{path}: the approximate index does not match the manifest; search "
+                                            "with --exact, or rebuild it with `e5v index repair`")
             return self._ann
 
 

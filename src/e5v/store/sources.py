@@ -1,7 +1,13 @@
 """What an index is built from: a folder of images, a glob, a manifest (JSONL, CSV, parquet) of images and texts,
-or WebDataset tar shards. Everything becomes a list of :class:`Entry` in a reproducible order."""
+or WebDataset tar shards. Everything becomes a list of :class:`Entry` in a reproducible order.
+
+Ids: a manifest's own ids, a shard sample's key, and for image files listed from a folder, a glob or a list, the
+path relative to the folder (or as the glob matched it).  Files added to an existing index get ids relative to
+the index's root (the folder it was built from) when they lie inside it, and their absolute path otherwise, so
+that two folders' ``IMG_0001.jpg`` never share an id."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import json
@@ -25,7 +31,9 @@ _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 @dataclass(frozen=True)
 class Entry:
     """One item to index. ``tar`` = (shard, data offset, size, member name) for an image inside a tar shard;
-    ``problem`` is a reason to skip it without embedding (a duplicate id, an unusable shard sample)."""
+    ``problem`` is a reason to skip it without embedding (a duplicate id, an unusable shard sample); ``stat``
+    is an image file's (size, mtime in ns) when it was listed, to notice a file changed since; ``source`` is the
+    file a text came from (manifest or shard), to tell a changed text from another source's text of the same id."""
 
     id: str
     text: str | None = None
@@ -33,6 +41,8 @@ class Entry:
     tar: tuple[str, int, int, str] | None = None
     meta: dict = field(default_factory=dict)
     problem: str | None = None
+    stat: tuple[int, int] | None = None
+    source: str | None = None
 
     @property
     def kind(self) -> str:
@@ -62,12 +72,74 @@ class Entry:
         row = {"id": self.id, "kind": self.kind}
         if self.kind == "text":
             row["text"] = self.text
+            if self.source is not None:
+                row["source"] = self.source
         else:
             row["image"] = self.image
             if self.tar:
                 row["tar"] = list(self.tar)
+        if self.stat is not None:
+            row["stat"] = list(self.stat)
         row["meta"] = self.meta
         return row
+
+    def origin(self):
+        """Where an image comes from (its file, or its shard and member), whatever its id; None for a text."""
+        if self.tar:
+            return ("tar", self.tar[0], self.tar[3])
+        return None if self.image is None else ("file", self.image)
+
+    @classmethod
+    def from_row(cls, row: dict) -> Entry:
+        """The item of a stored row (to embed it again)."""
+        return cls(id=row["id"], text=row.get("text"), image=row.get("image"),
+                   tar=tuple(row["tar"]) if row.get("tar") else None, meta=row.get("meta") or {},
+                   stat=tuple(row["stat"]) if row.get("stat") else None, source=row.get("source"))
+
+
+def row_origin(row: dict):
+    """:meth:`Entry.origin` of a stored row."""
+    if row.get("tar"):
+        return ("tar", row["tar"][0], row["tar"][3])
+    return ("file", row["image"]) if row.get("image") is not None else None
+
+
+def same_item(row: dict, e: Entry) -> bool:
+    """Whether ``e``, whose id the index holds as ``row``, is that item (perhaps changed) rather than another one:
+    an image from the same file or shard member; a text with the same words, or from the same source (rows written
+    before sources were recorded have none, and count as the same)."""
+    if e.kind == "image" or row["kind"] == "image":
+        return row_origin(row) == e.origin()
+    return row.get("text") == e.text or row.get("source") in (None, e.source)
+
+
+def row_changed(row: dict, e: Entry) -> bool:
+    """Whether the item ``e`` differs from what was embedded as ``row`` (an old row without a recorded stat
+    counts as unchanged)."""
+    if e.kind != row["kind"]:
+        return True
+    if e.kind == "text":
+        return e.text != row.get("text")
+    if e.tar:
+        return list(e.tar) != list(row.get("tar") or [])
+    return row.get("stat") is not None and e.stat is not None and list(e.stat) != list(row["stat"])
+
+
+def file_stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def file_id(path: str, root: str | None) -> str:
+    """The id of an image file added to an index: relative to the index's root when inside it, else absolute."""
+    if root:
+        rel = os.path.relpath(path, root)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep) and not os.path.isabs(rel):
+            return Path(rel).as_posix()
+    return path
 
 
 def expand_braces(spec: str) -> list[str]:
@@ -160,13 +232,14 @@ def _sample_entry(shard: str, key: str, parts: dict, content: dict) -> Entry:
             meta = {**meta, "text": text}
         return Entry(id=key, tar=(shard, image.offset_data, image.size, image.name), meta=meta)
     if text is not None:
-        return Entry(id=key, text=text, meta=meta)
+        return Entry(id=key, text=text, meta=meta, source=shard)
     return Entry(id=key, problem=f"{where}: sample has no image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                                  f"and no .txt (has {', '.join(sorted(parts))})")
 
 
-def read_source(spec: str) -> list[Entry]:
+def read_source(spec: str, *, rebase: bool = False, root: str | None = None) -> list[Entry]:
     """Entries of an index source (see the module docstring), in a reproducible order. Paths become absolute.
+    With ``rebase`` (adding to an index), ids of listed image files come from :func:`file_id` with ``root``.
 
     A second item with an id already seen is kept as an entry with a problem, so that it is reported."""
     spec = os.fsdecode(spec)
@@ -174,18 +247,20 @@ def read_source(spec: str) -> list[Entry]:
     if shards is not None:
         entries = [e for shard in shards for e in read_shard(shard)]
     else:
-        if os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES):
-            records = read_manifest(spec, texts=True)
-        else:
-            records = list_images(spec)
-        entries = [Entry(id=r.id, text=r.text, image=None if r.image is None else os.path.abspath(r.image),
-                         meta=r.meta) for r in records]
+        listed = not (os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES))
+        records = list_images(spec) if listed else read_manifest(spec, texts=True)
+        entries = []
+        for r in records:
+            image = None if r.image is None else os.path.abspath(r.image)
+            rid = file_id(image, root) if listed and rebase else r.id
+            entries.append(Entry(id=rid, text=r.text, image=image, meta=r.meta,
+                                 stat=None if image is None else file_stat(image),
+                                 source=os.path.abspath(spec) if image is None else None))
     seen: dict[str, int] = {}
     out = []
     for n, e in enumerate(entries):
         if e.problem is None and e.id in seen:
-            e = Entry(id=e.id, text=e.text, image=e.image, tar=e.tar, meta=e.meta,
-                      problem=f"duplicate id (first at item {seen[e.id]} of the source)")
+            e = dataclasses.replace(e, problem=f"duplicate id (first at item {seen[e.id]} of the source)")
         elif e.problem is None:
             seen[e.id] = n
         out.append(e)
