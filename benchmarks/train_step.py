@@ -43,8 +43,12 @@ def build(args):
 
 
 def run(args) -> list[dict]:
+    from types import SimpleNamespace
+
+    from e5v.backbones import Backbone, Features
+    from e5v.train.embed import EngineSentences
     from e5v.train.gradcache import contrastive_step
-    from e5v.train.model import add_lora, make_encoder, set_checkpointing
+    from e5v.train.model import add_lora, set_checkpointing
 
     device = torch.device(args.device)
     t0 = time.perf_counter()
@@ -52,14 +56,16 @@ def run(args) -> list[dict]:
     build_s = time.perf_counter() - t0
     model = add_lora(lm, r=args.lora_r, alpha=16, dropout=0.05, gradient_checkpointing=False)
     dtype = getattr(torch, args.dtype)
-    encode = make_encoder(torch.compile(lm) if args.compile else lm, 0, device=device,
-                          autocast=dtype if dtype != torch.float32 else None)
+    # training's embedding code (the engine's collation, forward and pooling) on given token ids: no tokenizer
+    backbone = Backbone(None, SimpleNamespace(pad_token_id=0, eos_token_id=0), None, chat_format="raw")
+    encode = EngineSentences(backbone, max_length=1 << 30).encoder(
+        torch.compile(lm) if args.compile else lm, device, autocast=dtype if dtype != torch.float32 else None)
     opt = torch.optim.AdamW(model.trainable, lr=1e-5)
     g = torch.Generator().manual_seed(1)
     n = args.triplets
 
     def sents(k):
-        return torch.randint(10, config.vocab_size, (k, args.tokens), generator=g).tolist()
+        return [Features(ids) for ids in torch.randint(10, config.vocab_size, (k, args.tokens), generator=g)]
 
     batch = (sents(n), sents(n), sents(n))
     results = []

@@ -19,7 +19,7 @@ import torch
 from e5v import prompts
 from e5v.errors import ConfigError, InputError
 from e5v.train.config import make_config
-from e5v.train.data import PromptBuilder, batch_indices, collate, read_triplets, shard
+from e5v.train.data import batch_indices, read_triplets, shard
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 TOPICS = ["dog", "cat", "car", "house", "tree", "river", "guitar", "soccer", "bread", "train", "snow", "phone"]
@@ -67,28 +67,24 @@ def test_readers_csv_jsonl_parquet(tmp_path, caplog):
 
 
 def test_prompt_real_special_tokens_cutoff_and_official_quirks(tiny_dirs):
-    from transformers import AutoTokenizer
+    from train_worker import sentences
 
-    tok = AutoTokenizer.from_pretrained(tiny_dirs["e5v-like"])
-    b = PromptBuilder(tok, "llama3")
+    from e5v.train.official import OfficialQuirks
+
+    sents = sentences(str(tiny_dirs["e5v-like"]))
+    tok = sents.backbone.tokenizer
     s = "A man is playing a guitar."
-    assert b.text(s) == prompts.LLAMA3_CHAT.format(prompts.TEXT).replace("<sent>", s)  # the inference prompt
-    ids = b([s])[0]
+    ids = sents.prepare([s])[0].input_ids.tolist()
+    assert ids == tok(prompts.LLAMA3_CHAT.format(prompts.TEXT).replace("<sent>", s))["input_ids"]  # the inference one
     assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
     assert tok.convert_tokens_to_ids("<|start_header_id|>") in ids  # a real special token, not text
     long = " ".join(["water"] * 80)
-    cut = b.cut(long)
+    cut = sents.cut(long)
     assert len(tok(cut, add_special_tokens=False)["input_ids"]) == 32 and long.startswith(cut)
-    q = PromptBuilder(tok, "llama3", official_quirks=True)
+    q = OfficialQuirks(sents.backbone)
     assert q.text(s) == ("<|start header id|>user<|end header id|>\n\nA man is playing a guitar.\nSummary above "
                          "sentence in one word:<|eot id|><|start header id|>assistant<|end header id|>")
-    assert tok.convert_tokens_to_ids("<|start_header_id|>") not in q([s])[0]
-    # collator: padding masked by default; the official collator attends to it (mask = ids > 0)
-    plain = collate([[5, 6, 7], [8]], pad_id=3)
-    assert plain["attention_mask"].tolist() == [[0, 0, 1, 1, 1][2:], [0, 0, 1]]
-    quirk = collate([[5, 6, 0], [8]], pad_id=3, official_quirks=True)
-    assert quirk["input_ids"].shape[1] == 8 and quirk["attention_mask"][1].tolist() == [1] * 8
-    assert quirk["attention_mask"][0, -1] == 0  # a real token of id 0 is masked
+    assert tok.convert_tokens_to_ids("<|start_header_id|>") not in q.tokens(0, [s])[0].ids
 
 
 def test_batches_deterministic_and_sharded():
@@ -155,7 +151,7 @@ def test_text_training_loads_the_language_model_only(tiny_dirs):
     from e5v.train.model import load_language_model
 
     path = str(tiny_dirs["e5v-like"])
-    lm, _, config = load_language_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    lm, config = load_language_model(path, dtype=torch.float32, device=torch.device("cpu"))
     assert config.vision_config is not None  # a multimodal checkpoint ...
     assert not any("vision" in n or "projector" in n for n, _ in lm.named_parameters())  # ... its LM alone
     ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).model.language_model.state_dict()
@@ -183,16 +179,15 @@ def test_info_nce_matches_formula():
 
 
 def _lora_grads(tiny_dir, rows, *, chunk, sort, checkpointing=False):
-    from train_worker import lora_model
+    from train_worker import lora_model, sentences
 
+    from e5v.train.data import Triplet
     from e5v.train.gradcache import contrastive_step
-    from e5v.train.model import make_encoder
 
-    lm, tok, model = lora_model(str(tiny_dir), checkpointing=checkpointing)
-    b = PromptBuilder(tok, "llama3")
-    res = contrastive_step(make_encoder(lm, tok.pad_token_id, device=torch.device("cpu")),
-                           b([r[0] for r in rows]), b([r[1] for r in rows]), b([r[2] for r in rows if r[2]]),
-                           chunk_size=chunk, sort_by_length=sort)
+    lm, model = lora_model(str(tiny_dir), checkpointing=checkpointing)
+    sents = sentences(str(tiny_dir))
+    a, p, n, _ = sents.inputs([Triplet(r[0], r[1], r[2] or None) for r in rows])
+    res = contrastive_step(sents.encoder(lm, torch.device("cpu")), a, p, n, chunk_size=chunk, sort_by_length=sort)
     return res, {n: p.grad.clone() for n, p in model.named_trainable().items()}
 
 
@@ -217,21 +212,20 @@ def test_gradcache_equals_plain_large_batch_loss(tiny_dirs):
 
 def test_gradcache_replays_dropout(tiny_dirs):
     """With LoRA dropout on, pass 3 must see pass 1's masks: the embeddings of both passes are identical."""
-    from train_worker import lora_model
+    from train_worker import lora_model, sentences
 
+    from e5v.train.data import Triplet
     from e5v.train.gradcache import contrastive_step
-    from e5v.train.model import make_encoder
 
-    lm, tok, _ = lora_model(str(tiny_dirs["e5v-like"]), dropout=0.5, b_std=0.5)
-    b = PromptBuilder(tok, "llama3")
-    encode = make_encoder(lm, tok.pad_token_id, device=torch.device("cpu"))
+    lm, _ = lora_model(str(tiny_dirs["e5v-like"]), dropout=0.5, b_std=0.5)
+    sents = sentences(str(tiny_dirs["e5v-like"]))
+    encode = sents.encoder(lm, torch.device("cpu"))
     seen = []
-    rows = [triplet(i) for i in range(4)]
-    contrastive_step(lambda seqs: _record(encode, seqs, seen),
-                     b([r[0] for r in rows]), b([r[1] for r in rows]), b([r[2] for r in rows]), chunk_size=5)
+    a, p, n, _ = sents.inputs([Triplet(*triplet(i)) for i in range(4)])
+    contrastive_step(lambda seqs: _record(encode, seqs, seen), a, p, n, chunk_size=5)
     half = len(seen) // 2
     assert half == 3 and all(torch.equal(x, y) for x, y in zip(seen[:half], seen[half:]))
-    assert not torch.equal(encode(b([rows[0][0]])), encode(b([rows[0][0]])))  # dropout is really on
+    assert not torch.equal(encode(a[:1]), encode(a[:1]))  # dropout is really on
 
 
 def _record(encode, seqs, seen):
@@ -423,3 +417,57 @@ def test_kill_9_then_resume_ends_with_the_same_adapter(tiny_dirs, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 11))  # no duplicate and no missing record across the kill
     assert log[:3] == before_kill  # steps 1-3 were not redone (their timings are the first run's): it resumed
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # save_total_limit
+
+
+# --- settings that cannot train as expected, and uneven last batches --------------------------------------------
+def test_small_data_with_the_default_batch_and_warmup_is_said(tiny_dirs, tmp_path, caplog):
+    """The defaults (batch 768, 100 warm-up steps, 2 epochs) on 40 pairs: 2 steps whose learning rates are 0 and
+    1 % of the peak. The run says so, with what will happen."""
+    from e5v.train import train
+
+    data = write_csv(tmp_path / "d.csv", [triplet(i) for i in range(40)])
+    cfg = make_config(model=str(tiny_dirs["e5v-like"]), data=str(data), output_dir=str(tmp_path / "run"), lora_r=8,
+                      gradient_checkpointing=False, progress=False, tensorboard=False)
+    with caplog.at_level(logging.WARNING, logger="e5v.train"):
+        train(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("batch_size 768 is larger than the data (40 pairs)" in m and "one step per epoch" in m for m in warned)
+    assert any("warmup_steps 100 is not below the run's 2 step(s)" in m and "1% at the last" in m for m in warned)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert np.allclose([r["lr"] for r in log], [0.0, 4e-6], rtol=1e-9, atol=0)  # what the warning announced
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="e5v.train"):
+        train(make_config(**{**cfg.to_dict(), "output_dir": str(tmp_path / "ok"), "batch_size": 16,
+                             "warmup_steps": 1}))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_process_with_an_empty_shard_trains_and_resumes(tiny_dirs, tmp_path):
+    """17 rows, batch 16, 2 processes: the second step has one row, so one process has nothing to embed. It joins
+    the step (zero gradient), in the default mode and in the official-quirks layout; the runs and their resumption
+    from the step-1 checkpoint end as one process does."""
+    from safetensors.torch import load_file
+
+    from e5v.train import train
+
+    data = write_csv(tmp_path / "d.csv", [triplet(i) for i in range(17)])
+    cfg = dict(model=str(tiny_dirs["e5v-like"]), data=str(data), output_dir=str(tmp_path / "runs"), batch_size=16,
+               micro_batch_size=12, warmup_steps=1, learning_rate=2e-3, lora_r=8, lora_dropout=0.0, max_steps=2,
+               save_steps=1, gradient_checkpointing=False, progress=False, tensorboard=False)
+    variants = {"ddp": {}, "quirks": {"official_quirks": True, "official_world_size": 4}}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, "strategies", json.dumps(cfg),
+           json.dumps(variants)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name, variant in variants.items():
+        train(make_config(**{**cfg, **variant, "output_dir": str(tmp_path / "one" / name)}))
+        one = [json.loads(x) for x in (tmp_path / "one" / name / "log.jsonl").read_text().splitlines()]
+        want = load_file(str(tmp_path / "one" / name / "adapter" / "adapter_model.safetensors"))
+        for run in (name, name + "-resumed"):
+            log = [json.loads(x) for x in (tmp_path / "runs" / run / "log.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in log] == [1, 2] and log[1]["candidates"] == 2  # step 2: one triplet
+            assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(log, one, strict=True)), run
+            got = load_file(str(tmp_path / "runs" / run / "adapter" / "adapter_model.safetensors"))
+            assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-5, run
+        assert (tmp_path / "runs" / (name + "-resumed") / "log.jsonl").read_text().count('"before_kill"') == 1

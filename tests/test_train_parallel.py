@@ -124,4 +124,7 @@ def test_official_run_config_file():
     assert cfg.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert (cfg.save_steps, cfg.save_total_limit, cfg.seed, cfg.gradient_checkpointing) == (50, 100, 42, True)
     assert cfg.deepspeed == "configs/deepspeed/zero2.json" and (ROOT / cfg.deepspeed).is_file()
+    # the released DeepSpeed run averaged the gradient over its 32 GPUs, then clipped at 1.0 (Adam eps 1e-8); e5v sums
+    assert cfg.official_world_size == 32 and cfg.batch_size // cfg.official_world_size == 24
+    assert (cfg.max_grad_norm, cfg.adam_epsilon) == (32 * 1.0, 32 * 1e-8)
 

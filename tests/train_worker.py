@@ -11,35 +11,44 @@ torch.set_num_threads(1)
 
 
 def lora_model(model_dir: str, *, dropout: float = 0.0, b_std: float = 0.05, checkpointing: bool = False):
-    """(lm, tokenizer, LoraModel): tiny LM with seeded LoRA whose B matrices are random (not zero), so that
+    """(lm, LoraModel): tiny LM with seeded LoRA whose B matrices are random (not zero), so that
     every LoRA weight gets a gradient and dropout changes the output."""
     from e5v.train.model import add_lora, load_language_model
 
-    lm, tok, _ = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    lm, _ = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = add_lora(lm, r=4, alpha=8, dropout=dropout, gradient_checkpointing=checkpointing)
     with torch.no_grad():
         for n, p in model.peft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, b_std)
-    return lm, tok, model
+    return lm, model
+
+
+def sentences(model_dir: str, **options):
+    """Training's default mode (the engine's preparation, collation and pooling) for a checkpoint."""
+    from transformers import AutoConfig
+
+    from e5v.backbones import select
+    from e5v.train.embed import EngineSentences
+
+    backbone = select(AutoConfig.from_pretrained(model_dir)).for_text(model_dir)
+    return EngineSentences(backbone, max_length=2048, **options)
 
 
 def grads(model_dir: str, data: str, out: str) -> None:
     """This process's shard of one global batch: loss and gradients after the sum over processes."""
-    from e5v.train.data import PromptBuilder, read_triplets, shard
+    from e5v.train.data import read_triplets, shard
     from e5v.train.gradcache import contrastive_step
     from e5v.train.loss import all_reduce_grads
-    from e5v.train.model import make_encoder
     from e5v.train.trainer import init_distributed
 
     rank, size, _ = init_distributed()
-    lm, tok, model = lora_model(model_dir)
-    build = PromptBuilder(tok, "llama3")
-    rows = shard(read_triplets(data), rank, size)
-    encode = make_encoder(lm, tok.pad_token_id, device=torch.device("cpu"))
-    res = contrastive_step(encode, build([t.anchor for t in rows]), build([t.positive for t in rows]),
-                           build([t.negative for t in rows if t.negative]), chunk_size=int(os.environ.get("CHUNK", 4)))
+    lm, model = lora_model(model_dir)
+    sents = sentences(model_dir)
+    anchors, positives, negatives, _ = sents.inputs(shard(read_triplets(data), rank, size))
+    res = contrastive_step(sents.encoder(lm, torch.device("cpu")), anchors, positives, negatives,
+                           chunk_size=int(os.environ.get("CHUNK", 4)))
     all_reduce_grads(model.trainable)
     if rank == 0:
         torch.save({"loss": res.loss, "candidates": res.candidates,

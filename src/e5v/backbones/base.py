@@ -91,8 +91,15 @@ class Backbone:
         return cls(model, **parts, chat_format=chat_format, path=str(path))
 
     @classmethod
+    def for_text(cls, path: str, *, chat_format: str | None = None, **hub_kwargs) -> "Backbone":
+        """Prompt rendering, tokenisation and collation without a model: text-only training loads the language
+        model alone and runs it through :meth:`forward` with ``language_model``."""
+        return cls(None, **cls.load_preprocessing(path, None, **hub_kwargs), chat_format=chat_format, path=str(path))
+
+    @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs) -> dict:
-        """Tokenizer and image processing of a checkpoint, as keyword arguments of the constructor."""
+        """Tokenizer and image processing of a checkpoint, as keyword arguments of the constructor (``model``
+        None: for texts only, see :meth:`for_text`)."""
         raise NotImplementedError
 
     @classmethod
@@ -155,8 +162,14 @@ class Backbone:
     def stack_images(self, images: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {k: torch.cat([im[k] for im in images]) for k in images[0]}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Final-layer hidden states of the base model (no lm_head), shape (batch, seq, hidden)."""
+    def forward(self, batch: dict[str, torch.Tensor], language_model=None) -> torch.Tensor:
+        """Final-layer hidden states of the base model (no lm_head), shape (batch, seq, hidden).
+
+        ``language_model``: run a text batch through that module instead, the base language model alone (what
+        training loads, LoRA-wrapped); for texts the multimodal model does exactly this."""
+        if language_model is not None:
+            return language_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
         return self.model.model(**batch, use_cache=False).last_hidden_state
 
     # --- facts ---------------------------------------------------------------------------------------

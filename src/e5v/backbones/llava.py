@@ -43,7 +43,8 @@ class LlavaBackbone(Backbone):
         # The PIL backend is the one the official recipe ran (the "slow" processor), and the one that works
         # without torchvision on every transformers >= 5.17.
         processor = AutoProcessor.from_pretrained(path, backend="pil", **hub_kwargs)
-        fix_processor_and_model(processor, model)
+        if model is not None:  # texts only need no image-token fix
+            fix_processor_and_model(processor, model)
         return {"processor": processor}
 
     def __init__(self, model, processor, *, chat_format: str | None = None, path: str = ""):

@@ -30,7 +30,8 @@ class QwenVLBackbone(Backbone):
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
         super().__init__(model, tokenizer, image_processor, chat_format=chat_format, path=path)
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = (model.config.image_token_id if model is not None
+                               else tokenizer.convert_tokens_to_ids(IMAGE_PAD))
 
     def prepare(self, text: str, image=None) -> Features:
         images = {}

@@ -19,7 +19,8 @@ class TrainConfig:
     prompt: str = ""                 # inner prompt with <sent>; empty: e5v's text prompt (the inference one)
     chat_format: str = ""            # llama3, mistral, vicuna, qwen; empty: detected from the tokenizer
     cutoff_len: int = 32             # tokens per sentence (the prompt is not cut)
-    official_quirks: bool = False    # reproduce the released code: '_' -> ' ' across the template, padding attended
+    official_quirks: bool = False    # reproduce the released step (e5v.train.official): prompt, paddings, layout
+    official_world_size: int = 32    # the released run's GPUs: official_quirks pads batch_size / this per group
     batch_size: int = 768            # global contrastive batch, in triplets (all processes together)
     micro_batch_size: int = 72       # sequences per forward pass (24 triplets, the official micro-batch)
     sort_by_length: bool = True      # chunks of similar lengths: less padding, same gradients
@@ -62,7 +63,8 @@ class TrainConfig:
             raise ConfigError("no base model: set model (--model)")
         if not self.data:
             raise ConfigError("no training data: set data (--data)")
-        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps"):
+        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps",
+                     "official_world_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.deepspeed and self.fsdp:

@@ -4,12 +4,8 @@ Readers: the SimCSE NLI CSV (``sent0,sent1,hard_neg``, the official training fil
 same fields. ``hard_neg`` may be missing or empty: such a pair adds no hard negative to the batch. A row with
 an empty anchor or positive is skipped with a warning that names it; the others are kept.
 
-Prompts: each sentence is cut to ``cutoff_len`` tokens (tokenised without special tokens, cut, decoded back:
-what the official code does), then put in the text prompt inside the chat format with its real special
-tokens, exactly as inference renders it (BOS added by the tokenizer, no EOS). ``official_quirks=True``
-instead rebuilds the released training code's string: underscores replaced by spaces across the whole
-chat-wrapped template (so ``<|start_header_id|>`` becomes the plain text ``<|start header id|>``) and the
-result stripped; and its collator attends to the padding (see :func:`collate`).
+How the sentences become prompts and batches: :mod:`e5v.train.embed` (the engine's code) and
+:mod:`e5v.train.official` (``official_quirks``).
 """
 from __future__ import annotations
 
@@ -22,15 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import prompts
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..inputs import _read_jsonl, _read_lines
 
 log = logging.getLogger(__name__)
 
 FIELDS = ("sent0", "sent1", "hard_neg")
-#: The inner template of the official ``run.sh`` after its ``_`` -> space replacement (no trailing space).
-OFFICIAL_TRAIN_PROMPT = "<sent>\nSummary above sentence in one word:"
 
 
 @dataclass(frozen=True)
@@ -89,52 +82,6 @@ def read_triplets(path) -> list[Triplet]:
         log.warning("%s: %d of %d rows skipped", p, len(rows) - len(out), len(rows))
     log.info("%s: %d pairs, %d with a hard negative", p, len(out), sum(t.negative is not None for t in out))
     return out
-
-
-class PromptBuilder:
-    """Sentence -> token ids of the full training prompt."""
-
-    def __init__(self, tokenizer, chat_format: str, prompt: str | None = None, *, cutoff_len: int = 32,
-                 official_quirks: bool = False):
-        self.tokenizer = tokenizer
-        self.cutoff_len = int(cutoff_len)
-        self.official_quirks = official_quirks
-        inner = prompt or (OFFICIAL_TRAIN_PROMPT if official_quirks else prompts.TEXT)
-        if prompts.SENT not in inner:
-            raise ConfigError(f"the training prompt must contain {prompts.SENT}: {inner!r}")
-        template = prompts.CHAT_FORMATS[chat_format].format(inner)
-        if official_quirks:  # ft_llm.py: generate_sentemb_prompt does template.replace('_', ' ') ... .strip()
-            template = template.replace("_", " ").strip()
-        self.template = template
-
-    def cut(self, sentence: str) -> str:
-        ids = self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids[: self.cutoff_len]) if len(ids) > self.cutoff_len else sentence
-
-    def text(self, sentence: str) -> str:
-        return prompts.fill(self.template, self.cut(sentence))
-
-    def __call__(self, sentences: list[str]) -> list[list[int]]:
-        if not sentences:  # e.g. the hard negatives of a batch of pairs only (tokenizers fail on an empty list)
-            return []
-        return self.tokenizer([self.text(s) for s in sentences])["input_ids"]
-
-
-def collate(seqs: list[list[int]], pad_id: int, *, official_quirks: bool = False) -> dict[str, torch.Tensor]:
-    """Left-pad to the longest sequence. With ``official_quirks`` the released code's collator: padded to a
-    multiple of 8 and the attention mask rebuilt as ``input_ids > 0``, which attends to the padding (the pad id
-    is the EOS id there, not 0) and masks real tokens of id 0."""
-    width = max(len(s) for s in seqs)
-    if official_quirks:
-        width = 8 * math.ceil(width / 8)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
-    if official_quirks:
-        mask = (ids > 0).long()
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -11,7 +11,8 @@ Step 3 gives, summed over chunks, exactly the parameter gradient of the loss in 
 (LoRA dropout) of each chunk is recorded in pass 1 and replayed in pass 3, so both passes see the same
 masks. When the whole local batch fits in one chunk, the plain path runs (one forward, one backward).
 
-Chunks can be formed from sequences sorted by length (``sort_by_length``): less padding, same result.
+Chunks can be formed from sequences sorted by length (``sort_by_length``): less padding, same result; or be given
+(``plan``: the official layout's padded groups, see :mod:`e5v.train.official`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from .loss import global_info_nce
 
-Encode = Callable[[list[list[int]]], torch.Tensor]
+Encode = Callable[[list], torch.Tensor]  # a chunk of prepared sequences -> their embeddings (n, d)
 
 
 @dataclass
@@ -49,21 +50,33 @@ def plan_chunks(lengths: list[int], chunk_size: int, sort_by_length: bool) -> li
     return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
 
 
-def contrastive_step(encode: Encode, anchors: list[list[int]], positives: list[list[int]],
-                     negatives: list[list[int]], *, temperature: float = 0.05, chunk_size: int = 72,
-                     sort_by_length: bool = True, device: torch.device = torch.device("cpu"),
-                     backward: Callable[[torch.Tensor, bool], None] | None = None) -> StepResult:
+def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: list, *, temperature: float = 0.05,
+                     chunk_size: int = 72, sort_by_length: bool = True, device: torch.device = torch.device("cpu"),
+                     backward: Callable[[torch.Tensor, bool], None] | None = None,
+                     plan: list[list[int]] | None = None, filler: list | None = None) -> StepResult:
     """Forward and backward of the InfoNCE loss for this process's shard of the global batch.
 
-    ``encode(list of token-id lists) -> (n, d)`` embeds one chunk; gradients accumulate in the parameters
-    (sum them over processes afterwards). ``backward(tensor, last)`` back-propagates one chunk's tensor (``last``:
-    the step's final backward): a parallel strategy's hook (loss scaling, DeepSpeed's engine, FSDP's gradient
-    sync); default ``tensor.backward()``.
+    ``encode(chunk of sequences) -> (n, d)`` embeds one chunk (sequences: anything with a length in tokens);
+    gradients accumulate in the parameters (sum them over processes afterwards). ``backward(tensor, last)``
+    back-propagates one chunk's tensor (``last``: the step's final backward): a parallel strategy's hook (loss
+    scaling, DeepSpeed's engine, FSDP's gradient sync); default ``tensor.backward()``. ``plan``: the chunks as
+    index lists into ``anchors + positives + negatives`` (default: ``chunk_size`` sequences, sorted by length).
+    ``filler``: a chunk to run with weight 0 when this process's shard is empty (a last batch shorter than the
+    process count), so that it takes part in every collective exactly as the others do.
     """
     backward = backward or (lambda t, last: t.backward())
     seqs = anchors + positives + negatives
+    if not seqs:
+        if not filler:
+            raise ValueError("an empty shard needs a filler chunk")
+        emb = encode(filler)
+        none = emb.detach()[:0]
+        loss, cands = global_info_nce(none, none, none, temperature=temperature)
+        backward((emb * 0).sum(), True)  # zero gradients, but the strategy's hooks and reductions run
+        return StepResult(float(loss.detach()), cands, 0, 0, 0)
     na, npos = len(anchors), len(positives)
-    chunks = plan_chunks([len(s) for s in seqs], max(1, int(chunk_size)), sort_by_length)
+    chunks = plan if plan is not None else plan_chunks([len(s) for s in seqs], max(1, int(chunk_size)),
+                                                       sort_by_length)
     padded = sum(len(c) * max(len(seqs[k]) for k in c) for c in chunks)
 
     def split(reps: torch.Tensor):

@@ -1,4 +1,4 @@
-"""The model side of training: the language model of a multimodal checkpoint with LoRA, and its encoder.
+"""The model side of training: the language model of a multimodal checkpoint, with LoRA.
 
 E5-V trains the LLM alone: the vision tower and projector are not loaded (the checkpoint's other weights are
 never read), unless ``load_vision=True`` asks for the whole multimodal model. The adapter is saved in the
@@ -8,7 +8,6 @@ layout of a causal LM (``base_model.model.model.layers.*``, the official layout)
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +46,15 @@ def wants_4bit(option, device: torch.device) -> bool:
 
 def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, load_in_4bit=False,
                         load_vision: bool = False, attn_implementation: str | None = None, **hub):
-    """(base language model without lm_head, tokenizer, config of the checkpoint)."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
+    """(base language model without lm_head, config of the checkpoint). The tokenizer is the backbone's
+    (:meth:`e5v.backbones.Backbone.for_text`)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     try:
         config = AutoConfig.from_pretrained(path, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load the config and tokenizer of {path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the config of {path!r}: {exc}") from exc
     kwargs: dict = dict(dtype=dtype, **hub)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -92,7 +91,7 @@ def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, 
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     log.info("loaded the language model of %s (%s, %s%s)", path, type(lm).__name__, dtype,
              ", 4-bit NF4" if load_in_4bit else "")
-    return lm, tokenizer, config
+    return lm, config
 
 
 @dataclass
@@ -140,16 +139,3 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
     log.info("LoRA r=%d alpha=%d dropout=%s on %d modules: %d trainable parameters", r, alpha, dropout, found,
              sum(p.numel() for p in model.trainable))
     return model
-
-
-def make_encoder(lm, pad_id: int, *, device: torch.device, official_quirks: bool = False, autocast=None):
-    """Token-id lists -> last-token final hidden states (fp32), through the (LoRA-wrapped) base LM."""
-    from .data import collate
-
-    def encode(seqs: list[list[int]]) -> torch.Tensor:
-        batch = {k: v.to(device) for k, v in collate(seqs, pad_id, official_quirks=official_quirks).items()}
-        with torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext():
-            hidden = lm(**batch, use_cache=False).last_hidden_state[:, -1]
-        return hidden.float()
-
-    return encode

@@ -3,11 +3,12 @@ the deepspeed launcher).
 
 One optimiser step = one global contrastive batch (``batch_size`` triplets, split across processes), run through
 :func:`e5v.train.gradcache.contrastive_step`; gradients summed over processes, clipped, AdamW, linear warm-up
-then linear decay. How the processes share the work (plain all-reduce, DeepSpeed ZeRO-2/3, FSDP2) is a
-strategy of :mod:`e5v.train.parallel`; all of them compute the same step. Everything a step depends on is a function of (seed, step): the batch's rows and the
-dropout seed. So a run killed at any moment and restarted from its last checkpoint (trainable weights,
-optimiser, scheduler and loss-scaler state, written atomically) ends with the same adapter as a run that was
-never interrupted.
+then linear decay. What is embedded and how: :mod:`e5v.train.embed` (the engine's own code) or, with
+``official_quirks``, :mod:`e5v.train.official`. How the processes share the work (plain all-reduce, DeepSpeed
+ZeRO-2/3, FSDP2) is a strategy of :mod:`e5v.train.parallel`; all of them compute the same step. Everything a step
+depends on is a function of (seed, step): the batch's rows and the dropout seed. So a run killed at any moment
+and restarted from its last checkpoint (trainable weights, optimiser, scheduler and loss-scaler state, written
+atomically) ends with the same adapter as a run that was never interrupted.
 
 Output directory: ``checkpoints/step-NNNNNN/`` (adapter + trainer state), ``adapter/`` (the final LoRA
 adapter), ``log.jsonl`` (one record per logged step), ``tensorboard/`` when TensorBoard is installed.
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from ..backbones import select
 from ..errors import ConfigError
 from .config import TrainConfig
-from .data import PromptBuilder, batch_indices, read_triplets, shard, steps_per_epoch
+from .data import batch_indices, read_triplets, steps_per_epoch
+from .embed import make_sentences
 from .gradcache import contrastive_step
 from .loss import world
-from .model import add_lora, load_language_model, make_encoder, wants_4bit
+from .model import add_lora, load_language_model, wants_4bit
 from .parallel import make_strategy, require_deepspeed
 
 log = logging.getLogger(__name__)
@@ -52,17 +55,13 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def resolve_train_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: the mixed precision of an ``accelerate launch`` yaml when it sets one, else bf16 on a GPU that
-    has it, fp16 on one that does not, fp32 on CPU."""
+    """``auto``: the mixed precision of an ``accelerate launch`` yaml when it sets one, else the engine's rule for
+    training (bf16 on a GPU that has it, fp16 on one that does not, fp32 on CPU)."""
     from ..encoder import resolve_dtype
 
     if name == "auto":
         name = {"bf16": "bfloat16", "fp16": "float16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""), "auto")
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return resolve_dtype(name, device)
+    return resolve_dtype(name, device, training=True)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -175,7 +174,9 @@ def read_checkpoint(ckpt: Path, cfg: TrainConfig, model) -> dict:
     from safetensors.torch import load_file
 
     saved = json.loads((ckpt / "train_config.json").read_text())
-    diff = sorted(k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+    defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint had its default value then
+    diff = sorted(k for k, v in cfg.to_dict().items()
+                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
     if diff:
         raise ConfigError(f"{ckpt} was written with other settings ({', '.join(diff)}); use the same settings "
                           "to resume, or another output_dir to start afresh")
@@ -200,12 +201,15 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def detect_chat_format(config, tokenizer) -> str:
-    if getattr(config, "text_config", None) is not None:
-        from ..backbones import select
-
-        return select(config).detect_chat_format(tokenizer)
-    return "llama3" if "<|start_header_id|>" in tokenizer.get_vocab() else "vicuna"
+def check_run_length(n: int, batch_size: int, warmup: int, total: int) -> None:
+    """Say when the settings cannot train as the user expects (e.g. the defaults on a small file)."""
+    if batch_size > n:
+        log.warning("batch_size %d is larger than the data (%d pairs): every step trains on all %d pairs, one step "
+                    "per epoch; lower --batch-size to take more steps", batch_size, n, n)
+    if warmup >= total:
+        log.warning("warmup_steps %d is not below the run's %d step(s): the learning rate only ramps up (%s of "
+                    "--learning-rate at the first step, %.0f%% at the last), so the run trains little or nothing; "
+                    "lower --warmup-steps or train longer", warmup, total, "0%", 100 * (total - 1) / max(1, warmup))
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -221,13 +225,10 @@ def train(cfg: TrainConfig) -> Path:
     triplets = read_triplets(cfg.data)
 
     quant = wants_4bit(cfg.load_in_4bit, device)
-    lm, tokenizer, config = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
-                                                load_vision=cfg.load_vision,
-                                                attn_implementation=cfg.attn_implementation or None)
-    builder = PromptBuilder(tokenizer, cfg.chat_format or detect_chat_format(config, tokenizer), cfg.prompt or None,
-                            cutoff_len=cfg.cutoff_len, official_quirks=cfg.official_quirks)
-    pad_id = tokenizer.eos_token_id if cfg.official_quirks or tokenizer.pad_token_id is None \
-        else tokenizer.pad_token_id
+    lm, config = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
+                                     load_vision=cfg.load_vision, attn_implementation=cfg.attn_implementation or None)
+    backbone = select(config).for_text(cfg.model, chat_format=cfg.chat_format or None)
+    mode = make_sentences(cfg, backbone, getattr(lm.config, "max_position_embeddings", 0) or 1 << 30)
     torch.manual_seed(cfg.seed)  # the LoRA initialisation
     model = add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets,
                      gradient_checkpointing=cfg.gradient_checkpointing)
@@ -236,6 +237,8 @@ def train(cfg: TrainConfig) -> Path:
 
     per_epoch = steps_per_epoch(len(triplets), cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    if rank == 0:
+        check_run_length(len(triplets), cfg.batch_size, cfg.warmup_steps, total)
 
     def make_optimizer(params):
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -252,15 +255,15 @@ def train(cfg: TrainConfig) -> Path:
         start = int(state["step"])
         log.info("resumed from %s (step %d)", ckpts[-1], start)
     runner = torch.compile(strategy.runner) if cfg.compile else strategy.runner
-    # Mixed precision: the base LM is stored in ``dtype``; LoRA weights stay fp32 (peft) under autocast.
-    autocast = dtype if dtype != torch.float32 else None
-    encode = make_encoder(runner, pad_id, device=device, official_quirks=cfg.official_quirks, autocast=autocast)
+    encode = mode.encoder(runner, device, autocast=dtype if dtype != torch.float32 else None)
 
     logger = Logger(out, start, enabled=rank == 0, tensorboard=cfg.tensorboard)
     if rank == 0:
+        chunks = f"padded groups of {mode.group_size} triplets (the official layout)" if cfg.official_quirks \
+            else f"{cfg.micro_batch_size} sequences per forward pass"
         log.info("%d pairs, %d steps per epoch, %d steps (from step %d); global batch %d triplets on %d "
-                 "process(es) (%s), %d sequences per forward pass", len(triplets), per_epoch, total, start,
-                 cfg.batch_size, size, strategy.name, cfg.micro_batch_size)
+                 "process(es) (%s), %s", len(triplets), per_epoch, total, start, cfg.batch_size, size,
+                 strategy.name, chunks)
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -271,13 +274,13 @@ def train(cfg: TrainConfig) -> Path:
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed + 7919 * step + 104729 * rank)  # dropout: a function of (seed, step, rank)
             rows = [triplets[i] for i in batch_indices(len(triplets), cfg.batch_size, step, cfg.seed)]
-            local = shard(rows, rank, size)
+            local = mode.shard(rows, rank, size)
+            anchors, positives, negatives, plan = mode.inputs(local)
             strategy.zero_grad()
             res = contrastive_step(
-                encode, builder([t.anchor for t in local]), builder([t.positive for t in local]),
-                builder([t.negative for t in local if t.negative is not None]),
-                temperature=cfg.temperature, chunk_size=cfg.micro_batch_size, sort_by_length=cfg.sort_by_length,
-                device=device, backward=strategy.backward)
+                encode, anchors, positives, negatives, temperature=cfg.temperature, chunk_size=cfg.micro_batch_size,
+                sort_by_length=cfg.sort_by_length, device=device, backward=strategy.backward, plan=plan,
+                filler=None if local else mode.inputs(rows[:1])[0])
             if not math.isfinite(res.loss):
                 raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
                                          "bfloat16/float32 or a lower learning rate")
