@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
-import io
 import os
 import re
 import signal
@@ -25,26 +24,13 @@ from e5v import E5V, Item, prompts
 from e5v.serve.app import Settings, create_app
 from e5v.serve.payload import Limits
 from e5v.serve.server import free_port, running
+from serve_helpers import data_uri, image_part, png
 
 TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock market fell today.",
          "Two children are playing soccer on the grass in the sun today.", "hello", "red car"]
 MODS = ["is red instead", "with two of them", "at night", "without the background", "smaller"]
 LIMITS = Limits(max_items=8, max_body_bytes=256 << 10, max_image_bytes=64 << 10, max_pixels=1_000_000,
                 max_text_chars=2000)
-
-
-def png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def vectors(response: httpx.Response) -> np.ndarray:

@@ -4,7 +4,6 @@ connection, every answer JSON, every innocent request (merged with poisoned ones
 engine's vectors, and so do requests after the fuzzing."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from e5v import E5V
 from e5v.serve.app import Settings, create_app
 from e5v.serve.payload import Limits
 from e5v.serve.server import running
+from serve_helpers import data_uri, image_part, png
 
 SEED, CLIENTS, PER_CLIENT = 12, 12, 100
 TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock market fell today.", "hello",
@@ -29,20 +29,6 @@ TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock m
 MODS = ["is red instead", "with two of them", "at night", "smaller"]
 LIMITS = Limits(max_items=8, max_body_bytes=256 << 10, max_image_bytes=64 << 10, max_pixels=1_000_000,
                 max_request_pixels=2_000_000, max_text_chars=2000)
-
-
-def png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def part(url) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def pool(model, tmp_path_factory):
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, "EPS")
     noisy = png(images[3])
-    return {"images": images, "uris": [uri(png(im)) for im in images], "folder": folder, "eps": buf.getvalue(),
+    return {"images": images, "uris": [data_uri(png(im)) for im in images], "folder": folder, "eps": buf.getvalue(),
             "truncated": noisy[: len(noisy) // 2], "bomb": png(Image.new("1", (3000, 3000))),
             "text": model.encode_text(TEXTS), "image": model.encode_image(images),
             "composed": model.encode_composed(list(zip(images, MODS)), task="cirr")}
@@ -75,12 +61,12 @@ def innocent(rng, pool) -> tuple[dict, np.ndarray]:
         return {"input": [TEXTS[i] for i in idx]}, pool["text"][idx]
     i = int(rng.integers(len(MODS)))
     if shape == 1:
-        return {"messages": [{"role": "user", "content": [part(pool["uris"][i])]}]}, pool["image"][[i]]
+        return {"messages": [{"role": "user", "content": [image_part(pool["uris"][i])]}]}, pool["image"][[i]]
     if shape == 2:
-        return ({"input": [[part(pool["uris"][i]), {"type": "text", "text": MODS[i]}]], "encoding_format": "float"},
+        return ({"input": [[image_part(pool["uris"][i]), {"type": "text", "text": MODS[i]}]], "encoding_format": "float"},
                 pool["composed"][[i]])
     t = int(rng.integers(len(TEXTS)))
-    return ({"input": [[part(pool["uris"][i])], TEXTS[t]]}, np.stack([pool["image"][i], pool["text"][t]]))
+    return ({"input": [[image_part(pool["uris"][i])], TEXTS[t]]}, np.stack([pool["image"][i], pool["text"][t]]))
 
 
 def random_json(rng, depth: int = 0):
@@ -118,7 +104,7 @@ def hostile(rng, pool, url_base: str) -> tuple[str, str, bytes | dict, dict]:
         where = int(rng.integers(3))
         bad = "x" + chr(int(rng.integers(0xD800, 0xE000))) + "y"
         body = ({"input": [TEXTS[0], bad]} if where == 0 else
-                {"input": [[part(pool["uris"][0]), {"type": "text", "text": bad}]]} if where == 1 else
+                {"input": [[image_part(pool["uris"][0]), {"type": "text", "text": bad}]]} if where == 1 else
                 {"input": [TEXTS[1]], "prompt": "<sent>" + bad})
         return kind, "/v1/embeddings", body, {}
     if kind == "deep":
@@ -130,7 +116,7 @@ def hostile(rng, pool, url_base: str) -> tuple[str, str, bytes | dict, dict]:
     if kind == "badkey":
         return kind, "/v1/embeddings", {"input": "a", chr(int(rng.integers(0xD800, 0xE000))): 1}, {}
     if kind == "crlf":
-        return kind, "/v1/embeddings", {"input": [[part(url_base + "img/a.png\r\nX-Injected: 1")]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(url_base + "img/a.png\r\nX-Injected: 1")]]}, {}
     if kind == "garbage":
         return kind, "/v1/embeddings", bytes(rng.integers(0, 256, size=int(rng.integers(0, 3000)), dtype=np.uint8)), {}
     if kind == "truncated_json":
@@ -142,21 +128,21 @@ def hostile(rng, pool, url_base: str) -> tuple[str, str, bytes | dict, dict]:
         body = {"input": [random_json(rng), [{"type": "image_url", "image_url": random_json(rng)}]]}
         return kind, "/v1/embeddings", body, {}
     if kind == "base64":
-        return kind, "/v1/embeddings", {"input": [[part("data:image/png;base64," + "@#%" * 10)]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part("data:image/png;base64," + "@#%" * 10)]]}, {}
     if kind == "truncated_png":
-        return kind, "/v1/embeddings", {"input": [[part(uri(pool["truncated"]))]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(data_uri(pool["truncated"]))]]}, {}
     if kind == "eps":
-        return kind, "/v1/embeddings", {"input": [[part(uri(pool["eps"], "application/postscript"))]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(data_uri(pool["eps"], "application/postscript"))]]}, {}
     if kind == "bomb":
-        return kind, "/v1/embeddings", {"input": [[part(uri(pool["bomb"]))] for _ in range(3)]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(data_uri(pool["bomb"]))] for _ in range(3)]}, {}
     if kind == "bigbody":
         return kind, "/v1/embeddings", {"input": ["y" * (300 << 10)]}, {}
     if kind == "fifo":
-        return kind, "/v1/embeddings", {"input": [[part(str(folder / "fifo.png"))]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(str(folder / "fifo.png"))]]}, {}
     if kind == "path":
-        return kind, "/v1/embeddings", {"input": [[part(str(folder / ".." / "x.png"))], [part("/etc/passwd")]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(str(folder / ".." / "x.png"))], [image_part("/etc/passwd")]]}, {}
     if kind == "escape_url":
-        return kind, "/v1/embeddings", {"input": [[part(url_base + "img/%2e%2e/secret.txt")]]}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(url_base + "img/%2e%2e/secret.txt")]]}, {}
     if kind == "search":
         return kind, "/v1/search", {"text": "\ud800"}, {}
     if kind == "method":
@@ -166,7 +152,7 @@ def hostile(rng, pool, url_base: str) -> tuple[str, str, bytes | dict, dict]:
     if kind == "prompt":
         return kind, "/v1/embeddings", {"input": ["a"], "prompt": random_json(rng)}, {}
     if kind == "task":
-        return kind, "/v1/embeddings", {"input": [[part(pool["uris"][1])]], "task": random_json(rng)}, {}
+        return kind, "/v1/embeddings", {"input": [[image_part(pool["uris"][1])]], "task": random_json(rng)}, {}
     return kind, "/v1/search", {"text": "a", "k": random_json(rng)}, {}
 
 
@@ -177,7 +163,7 @@ def poisoned(rng, pool) -> tuple[dict, str]:
         return {"input": [TEXTS[0], "POISON in the engine", TEXTS[1]]}, "input[1]"
     if which == 1:
         return {"input": ["PANIC in the tokenizer", TEXTS[2]]}, "input[0]"
-    return {"input": [[part(pool["uris"][1])], "a <image> marker"]}, "input[1]"
+    return {"input": [[image_part(pool["uris"][1])], "a <image> marker"]}, "input[1]"
 
 
 def raw_http(host: str, port: int, data: bytes) -> bytes:
@@ -269,7 +255,7 @@ def test_fuzz_the_server(model, pool, monkeypatch):
         monkeypatch.undo()
         with httpx.Client(base_url=url, timeout=60) as c:  # after the storm: still the engine's vectors
             after = c.post("/v1/embeddings", json={"input": TEXTS}).json()
-            imgs = c.post("/v1/embeddings", json={"input": [[part(u)] for u in pool["uris"]]}).json()
+            imgs = c.post("/v1/embeddings", json={"input": [[image_part(u)] for u in pool["uris"]]}).json()
         assert app.state.pixels.used == 0 and app.state.batcher.queued_items == 0
     merged = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
               if line.startswith(('e5v_batch_items_bucket{le="4"}', 'e5v_batch_items_count'))]

@@ -4,7 +4,6 @@ clients, image URLs are checked on their normalised form within one deadline, a 
 anything is announced, and no image format runs a program. Everything runs on 127.0.0.1 and stops by itself."""
 from __future__ import annotations
 
-import base64
 import http.server
 import io
 import json
@@ -26,24 +25,11 @@ from e5v import E5V
 from e5v.serve.app import Settings, create_app
 from e5v.serve.payload import Limits
 from e5v.serve.server import free_port, running
+from serve_helpers import data_uri, image_part, png
 
 TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock market fell today.", "red car"]
 LIMITS = Limits(max_items=16, max_body_bytes=1 << 20, max_image_bytes=256 << 10, max_pixels=1_000_000,
                 max_text_chars=2000)
-
-
-def png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def raw_json(body) -> bytes:
