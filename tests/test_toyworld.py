@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -13,7 +16,7 @@ import e5v.encoder
 from e5v import E5V, prompts
 from e5v.encoder import Item
 from e5v.cli import main
-from e5v.toyworld import MINI, measure, recipe, world
+from e5v.toyworld import MINI, demo, measure, recipe, world
 
 
 # --- the world ----------------------------------------------------------------------------------------------------
@@ -29,6 +32,14 @@ def test_split_holds_out_combinations_and_scenes_follow_it():
     assert all(set(s.objects) & held for s in gallery)
     assert all(len({o.position for o in s.objects}) == len(s.objects) for s in gallery)
     assert [s.id for s in world.scenes("held-out", 200)] == [s.id for s in gallery]   # deterministic
+
+
+def test_galleries_of_different_seeds_share_few_scenes():
+    """Galleries used to start with the same 40 single held-out objects, so every two shared over 40 of 200 scenes."""
+    galleries = [{s.content for s in world.scenes("held-out", 200, seed=k)} for k in (0, 1, 7, 23, 101)]
+    shared = [len(a & b) for i, a in enumerate(galleries) for b in galleries[i + 1:]]
+    assert max(shared) <= 25, shared
+    assert all(sum(len(s) == 1 for s in g) == 20 for g in galleries)        # single objects are still there
 
 
 def test_render_is_deterministic_and_draws_the_colours_where_they_belong():
@@ -86,6 +97,23 @@ def test_mini_model_is_small_and_a_llava_next_checkpoint():
     assert cfg["text_config"]["model_type"] == "llama"
 
 
+def test_shipped_model_is_stage_c_of_the_shipped_checkpoint_before_it():
+    """mini-before-c is the model before stage C: stage C (LoRA on the language model, merged) changed the language
+    model and nothing else; the control adapter holds LoRA weights for the language model only."""
+    from safetensors.numpy import load_file
+
+    from e5v.toyworld import MINI_BEFORE_C, MINI_SHUFFLED
+
+    after, before = load_file(MINI / "model.safetensors"), load_file(MINI_BEFORE_C / "model.safetensors")
+    assert after.keys() == before.keys()
+    lm = {k for k in after if "language_model" in k}
+    assert lm and all(np.array_equal(after[k], before[k]) for k in after.keys() - lm)
+    assert sum(not np.array_equal(after[k], before[k]) for k in lm) >= 4 * 7     # every adapted projection
+    control = load_file(MINI_SHUFFLED / "adapter_model.safetensors")
+    assert control and all("lora_" in k for k in control)
+    assert json.loads((MINI_SHUFFLED / "adapter_config.json").read_text())["r"] == recipe.Recipe().c_lora_r
+
+
 @pytest.fixture(scope="module")
 def unprompted(mini, held_out):
     return measure.evaluate(mini, held_out, prompted=False)
@@ -137,6 +165,48 @@ def test_training_never_shows_the_image_prompt():
     assert not any("Summary above image" in t for t in texts)
 
 
+def test_no_training_text_or_picture_shows_a_held_out_triple(monkeypatch):
+    """All training data of the full recipe: the tokenizer's corpus, stage C's triplets (the real ones and the
+    shuffled control) and every batch of stages A, V and B. Every text names its objects through ``world.phrase``,
+    ``world.edit_words`` or ``world.question``, and every picture is a scene: spies collect them all."""
+    held = world.split()[1]
+    named = set()
+
+    def spy(name, objects):
+        real = getattr(world, name)
+        monkeypatch.setattr(world, name, lambda *a, **k: (named.update(objects(*a, **k)), real(*a, **k))[1])
+
+    spy("phrase", lambda o, *a, **k: [o])
+    spy("edit_words", lambda old, new: [old, new])
+    spy("question", lambda scene, rng: scene.objects)
+
+    def check(part):
+        shown = sorted(f"{o.colour} {o.shape} {o.position}" for o in named & held)
+        assert not shown, f"{part} shows {len(shown)} held-out triples, e.g. {shown[:3]}"
+
+    setup = recipe.Recipe()
+    for shuffled in (False, True):
+        recipe.triplets(setup.c_triplets, setup.c_seed, shuffled)
+        check("stage C")
+    recipe.corpus(setup.seed)
+    check("the tokenizer's corpus")
+    for stage in "AVB":
+        for batch in recipe.training_data(setup, stage):
+            pictures = batch if stage == "V" else batch[1] if stage == "B" else []
+            named.update(o for s in pictures for o in s.objects)
+        check(f"stage {stage}")
+    assert len(named) == 160      # the spies saw every training triple
+
+
+def test_shuffled_control_keeps_the_sentences_and_loses_the_pairs():
+    real, control = recipe.triplets(200, seed=0), recipe.triplets(200, seed=0, shuffled=True)
+    for k in range(3):
+        assert sorted(r[k] for r in real) == sorted(r[k] for r in control)
+    assert [r[0] for r in real] == [r[0] for r in control]
+    assert sum(a[1] == b[1] for a, b in zip(real, control)) < 10
+    assert sum(a[2] == b[2] for a, b in zip(real, control)) < 10
+
+
 def test_nli_triplets_are_paraphrases_and_one_attribute_changes():
     for anchor, positive, negative in recipe.triplets(50, seed=0):
         assert anchor != negative
@@ -145,18 +215,41 @@ def test_nli_triplets_are_paraphrases_and_one_attribute_changes():
         assert positive
 
 
-def test_quick_recipe_end_to_end_is_repeatable(tmp_path):
-    first = recipe.rebuild(tmp_path / "one", recipe.QUICK)
-    recipe.rebuild(tmp_path / "two", recipe.QUICK)
+def test_quick_recipe_gives_the_same_weights_under_1_and_2_threads(tmp_path):
+    """Two runs of ``python -m e5v.toyworld.recipe --quick``, with OMP_NUM_THREADS 1 and 2: bit-identical weights
+    (without the recipe's own thread setting the vision tower differed by 1e-5 after 4 steps)."""
     from safetensors.numpy import load_file
 
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    runs = {n: subprocess.Popen([sys.executable, "-m", "e5v.toyworld.recipe", str(tmp_path / n), "--quick"],
+                                env={**os.environ, "OMP_NUM_THREADS": n}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for n in ("1", "2")}
+    for p in runs.values():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    first = json.loads((tmp_path / "1" / "recipe.json").read_text())
+    one, two = load_file(tmp_path / "1" / "model.safetensors"), load_file(tmp_path / "2" / "model.safetensors")
     assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
     for stage in ("stage_a_loss", "stage_b_loss", "stage_c_loss"):
         assert all(np.isfinite(first[stage]))
-    with E5V.from_pretrained(str(tmp_path / "one"), device="cpu", dtype="float32") as m:
+    with E5V.from_pretrained(str(tmp_path / "1"), device="cpu", dtype="float32") as m:
         vec = m.encode_image([world.render(world.scenes("held-out", 1)[0])])
         assert vec.shape == (1, 128) and np.isclose(np.linalg.norm(vec), 1)
+
+
+def test_claim2_measures_real_and_shuffled_stage_c_and_resumes(tmp_path, monkeypatch):
+    """A tiny claim-2 run (1 stage-C step, 8-scene gallery); then a rerun after a lost figures file re-measures that
+    run only, trains nothing, and gives the same summary."""
+    from e5v.toyworld import claim2
+
+    setup = recipe.setting(recipe.QUICK, "c_steps=1")
+    summary = claim2.run(tmp_path, MINI, [0], [0], setup, scenes=8)
+    rows = summary["galleries"]["0"]
+    assert list(rows) == ["before", "real", "shuffled"] and list(summary["loss"]) == ["real", "shuffled"]
+    assert rows["real"]["t2t_r1"]["runs"] and rows["real"]["match_cos"] != rows["before"]["match_cos"]
+    assert "| 0 | shuffled |" in (tmp_path / "claim2.md").read_text()
+    (tmp_path / "runs" / "shuffled-s0" / "figures.json").unlink()
+    monkeypatch.setattr(recipe, "stage_c", lambda *a, **k: pytest.fail("trained again"))
+    assert claim2.run(tmp_path, MINI, [0], [0], setup, scenes=8) == summary
 
 
 # --- the demo --------------------------------------------------------------------------------------------------
@@ -172,3 +265,11 @@ def test_demo_indexes_queries_reports_and_writes_a_page(tmp_path, capsys):
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert len(srcs) >= 8 * 5 and all((out / s).is_file() for s in srcs)
     assert page.count('class="hit"') >= 4    # wanted scenes found and framed
+    claim = figures["claim 2"]      # before / after stage C and the shuffled control, on two galleries
+    assert list(claim) == ["gallery 0 (held-out)", "gallery 7"]
+    for rows in claim.values():
+        assert list(rows) == [name for name, _, _ in demo.CLAIM2_MODELS]
+        assert len({json.dumps(f, sort_keys=True) for f in rows.values()}) == 3     # three different models
+    assert claim["gallery 0 (held-out)"]["after stage C (shipped)"] == figures["with prompts"]
+    assert len(re.findall(r"^ .*(before stage C|after stage C \(shipped\)|shuffled-pairs control) +text->image",
+                          text, re.MULTILINE)) == 6

@@ -2,7 +2,9 @@
 
 It renders a gallery of held-out toy scenes (combinations the model never saw), indexes it with ``e5v index build``,
 runs text, image and composed (image + modification) queries through the index, prints the top results and the
-recall figures with and without the E5-V prompts, and writes an HTML page with the thumbnails.
+recall figures with and without the E5-V prompts, and writes an HTML page with the thumbnails. With the bundled
+model it also shows the paper's claim 2 on this gallery and a second one: recall before and after the text-only
+stage C, and after stage C on shuffled pairs (the control).
 """
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import random
 import time
 from pathlib import Path
 
-from . import MINI, world
+from . import MINI, MINI_BEFORE_C, MINI_SHUFFLED, world
+
+#: the models of the claim-2 table: (name, checkpoint, adapter); None stands for the demo's own model
+CLAIM2_MODELS = (("before stage C", MINI_BEFORE_C, None), ("after stage C (shipped)", None, None),
+                 ("shuffled-pairs control", MINI_BEFORE_C, MINI_SHUFFLED))
 
 
 def add_parsers(sub) -> None:
@@ -23,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default="e5v-demo", help="folder for the gallery, the index and index.html")
     p.add_argument("--scenes", type=int, default=200, help="held-out scenes in the gallery")
     p.add_argument("--top", type=int, default=5, help="results shown per query")
+    p.add_argument("--second-gallery", type=int, default=7, metavar="SEED",
+                   help="seed of the second gallery of the claim-2 table (the first is seed 0)")
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p.set_defaults(run=run_demo)
 
@@ -94,6 +102,17 @@ def run_demo(args) -> int:
             line += (f"  composed R@1 {f['composed_r1']:.1f} R@5 {f['composed_r5']:.1f} "
                      f"({f['composed_queries']} queries)")
         print(line)
+    claim = claim2(model, figures["with prompts"], g, args.second_gallery) \
+        if Path(args.model).resolve() == MINI.resolve() else {}
+    if claim:
+        print("\nclaim 2 (text-only training helps across modalities): R@1 with the E5-V prompts before and after "
+              "the text-only stage C, and after stage C on shuffled pairs (the control):")
+        for name, rows in claim.items():
+            for k, (model_name, f) in enumerate(rows.items()):
+                print(f"  {name if k == 0 else '':20s} {model_name:24s} text->image {f['t2i_r1_plain']:5.1f} "
+                      f"(rich words {f['t2i_r1_rich']:5.1f})  image->text {f['i2t_r1_plain']:5.1f}  "
+                      f"composed {f.get('composed_r1', float('nan')):5.1f}")
+        figures["claim 2"] = claim
     (out / "recall.json").write_text(json.dumps(figures, indent=2) + "\n")
     page = out / "index.html"
     page.write_text(render_page(cards, figures, out, len(g.scenes), args.model))
@@ -103,6 +122,24 @@ def run_demo(args) -> int:
 
         webbrowser.open(page.resolve().as_uri())
     return 0
+
+
+def claim2(model, shipped: dict, g, second: int) -> dict:
+    """{gallery: {model: figures}} for the models of ``CLAIM2_MODELS`` on ``g`` (seed 0) and on gallery ``second``
+    of the same size. ``model`` is the demo's own (the shipped one), whose figures on ``g`` are ``shipped``."""
+    from ..encoder import E5V
+    from .measure import evaluate, gallery
+
+    galleries = {"gallery 0 (held-out)": g, f"gallery {second}": gallery(len(g.scenes), second)}
+    out = {name: {} for name in galleries}
+    for model_name, path, adapter in CLAIM2_MODELS:
+        engine = model if path is None else E5V.from_pretrained(
+            str(path), device="cpu", dtype="float32", adapter=str(adapter) if adapter else None)
+        for name, gal in galleries.items():
+            out[name][model_name] = shipped if path is None and gal is g else evaluate(engine, gal)
+        if path is not None:
+            engine.close()
+    return out
 
 
 def render_page(cards, figures, out: Path, scenes: int, model: str) -> str:
@@ -129,7 +166,13 @@ def render_page(cards, figures, out: Path, scenes: int, model: str) -> str:
         f"<tr><td>{n}</td><td>{f['t2i_r1_plain']:.1f}</td><td>{f['t2i_r1_rich']:.1f}</td>"
         f"<td>{f['i2t_r1_plain']:.1f}</td><td>{f['gap_plain']:.2f}</td>"
         f"<td>{composed(f)}</td></tr>"
-        for n, f in figures.items())
+        for n, f in figures.items() if n != "claim 2")
+    if "claim 2" in figures:
+        body += "".join(
+            f"<tr><td>{html.escape(g)}: {html.escape(n)}</td><td>{f['t2i_r1_plain']:.1f}</td>"
+            f"<td>{f['t2i_r1_rich']:.1f}</td><td>{f['i2t_r1_plain']:.1f}</td><td>{f['gap_plain']:.2f}</td>"
+            f"<td>{composed(f)}</td></tr>"
+            for g, rows in figures["claim 2"].items() for n, f in rows.items())
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>e5v demo</title><style>
 body{{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}}
 table{{border-collapse:collapse;margin:12px 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}

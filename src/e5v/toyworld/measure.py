@@ -88,3 +88,34 @@ def evaluate(engine, g: Gallery, *, prompted: bool = True) -> dict:
         out["composed_r5"] = recall_at(sim, np.array(target), 5)
         out["composed_queries"] = len(ref)
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def geometry(engine, g: Gallery) -> dict:
+    """How the prompted plain-caption and image embeddings lie: what stage C may change besides meaning.
+
+    - ``*_norm``: mean length of the raw last-token state, before normalising;
+    - ``*_mean_cos``: mean cosine between two different items of one modality (0: spread over every direction,
+      near 1: all in one narrow cone), and ``*_eff_dim``, the participation ratio of the centred vectors'
+      covariance (how many directions they really use);
+    - ``match_cos`` / ``other_cos``: mean cosine of a caption with its own picture and with the other pictures;
+    - ``t2i_r1_centred`` / ``i2t_r1_centred``: retrieval after removing each modality's mean vector, which
+      closes the gap without learning anything: if that alone gives stage C's gain, the gain is not meaning."""
+    raw = {"text": engine.embed(g.plain, prompt=prompts.TEXT, normalize=False).vectors,
+           "image": engine.embed(g.images, prompt=prompts.IMAGE_PROMPT, normalize=False).vectors}
+    out, unit = {}, {}
+    for side, v in raw.items():
+        n = len(v)
+        unit[side] = u = v / np.linalg.norm(v, axis=1, keepdims=True)
+        out[f"{side}_norm"] = float(np.linalg.norm(v, axis=1).mean())
+        out[f"{side}_mean_cos"] = float((np.square(u.sum(0)).sum() - n) / (n * (n - 1)))
+        eig = np.linalg.eigvalsh(np.cov(u, rowvar=False))
+        out[f"{side}_eff_dim"] = float(eig.sum() ** 2 / np.square(eig).sum())
+    sim = unit["text"] @ unit["image"].T
+    ids = np.arange(len(sim))
+    out["match_cos"] = float(np.diag(sim).mean())
+    out["other_cos"] = float(sim[~np.eye(len(sim), dtype=bool)].mean())
+    centred = [u - u.mean(0) for u in (unit["text"], unit["image"])]
+    t, i = (c / np.linalg.norm(c, axis=1, keepdims=True) for c in centred)
+    out["t2i_r1_centred"] = recall_at(t @ i.T, ids, 1)
+    out["i2t_r1_centred"] = recall_at(i @ t.T, ids, 1)
+    return {k: round(v, 4) for k, v in out.items()}

@@ -13,8 +13,13 @@
 - **Stage C** (E5-V): text-only contrastive training through ``e5v train`` on toy NLI triplets (anchor,
   paraphrase in either register, the anchor with one attribute changed), then ``e5v merge``.
 
-``python -m e5v.toyworld.recipe OUT`` rebuilds the model (seeded, about 13 minutes on 2 CPU cores);
-``--quick`` runs a shortened recipe in seconds (the test suite's end-to-end check).
+No held-out triple occurs in any training text or picture (stage A/B edit answers and stage C hard negatives
+included: :func:`world.changed` keeps to training triples). The recipe runs with its own thread count and
+deterministic kernels (:func:`fixed_threads`), so the weights do not depend on the machine's thread count.
+
+``python -m e5v.toyworld.recipe OUT`` rebuilds the model (seeded; the run time is in docs/toyworld.md);
+``--base DIR`` runs stage C only, from a model before stage C; ``--quick`` runs a shortened recipe in seconds (the
+test suite's end-to-end check).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -60,6 +66,9 @@ class Recipe:
     c_lora_r: int = 8
     c_lora_alpha: int = 16
     c_warmup: int = 6
+    c_seed: int = 0                  # stage C's own seed: its triplets, LoRA initialisation and order
+    c_shuffle: bool = False          # the control: positives and hard negatives shuffled across rows
+    threads: int = 1                 # intra-op threads (see fixed_threads)
 
 
 QUICK = Recipe(batch=8, a_steps=6, v_steps=4, b_steps=6, c_triplets=32, c_batch=8, c_steps=2, c_warmup=0)
@@ -217,6 +226,39 @@ class Batcher:
         return out
 
 
+def training_data(recipe: Recipe, stage: str):
+    """The batches of stage "A" (rows), "V" (scenes) or "B" ((rows, scenes)): every text and picture that stages
+    A, V and B train on. Each stage has its own seeded stream, drawn without the model, so a test can scan it."""
+    rng = random.Random(f"{stage}:{recipe.seed}")
+    steps = {"A": recipe.a_steps, "V": recipe.v_steps, "B": recipe.b_steps}[stage]
+    for _ in range(steps):
+        scenes = [world.sample(rng) for _ in range(recipe.batch)]
+        if stage == "A":
+            yield [text_example(s, rng) for s in scenes]
+        elif stage == "V":
+            yield scenes
+        else:
+            yield [image_example(s, rng) for s in scenes], scenes
+
+
+@contextmanager
+def fixed_threads(n: int):
+    """Run with ``n`` intra-op threads and deterministic kernels, then restore the caller's settings. CPU kernels
+    split their sums by thread count (the vision tower's diverged with 1 thread against 2), so without this the
+    weights would depend on the machine. The recipe uses one: on a busy machine a 2-thread step waits for
+    whichever thread is descheduled (3.4 s against 1.0 s per stage-A step at load 6.5 on 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        torch.use_deterministic_algorithms(old[1])
+
+
 def example_loss(model, batch: dict):
     """Cross-entropy averaged over each example's answer tokens, then over examples: a one-word summary weighs
     as much as a ten-word caption (a token average would let the long answers drown the summaries)."""
@@ -293,12 +335,12 @@ def stage_a_b(recipe: Recipe, start: Path, out: Path, keep: Path | None = None) 
     model = batcher.engine.backbone.model
     model.requires_grad_(False)
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
+    text, seen, pictured = (training_data(recipe, stage) for stage in "AVB")
 
     lm = model.model.language_model
     lm.requires_grad_(True)
-    loss_a = fit(model, lm.parameters(), recipe.a_steps, recipe.a_lr, lambda: example_loss(model, batcher.batch(
-        [text_example(world.sample(rng), rng) for _ in range(recipe.batch)])), "A")
+    loss_a = fit(model, lm.parameters(), recipe.a_steps, recipe.a_lr,
+                 lambda: example_loss(model, batcher.batch(next(text))), "A")
     lm.requires_grad_(False)
     if keep:
         save(model, start, keep)
@@ -311,14 +353,14 @@ def stage_a_b(recipe: Recipe, start: Path, out: Path, keep: Path | None = None) 
                            len(world.POSITIONS) * (len(world.SHAPES) + len(world.COLOURS) + 2))
 
     def vision_loss():
-        scenes = [world.sample(rng) for _ in range(recipe.batch)]
+        scenes = next(seen)
         return stage_v_loss(tower, head, batcher.pixels(scenes)["pixel_values"][:, 0], scenes)
 
     loss_v = fit(model, [*tower.parameters(), *head.parameters()], recipe.v_steps, recipe.v_lr, vision_loss, "V")
 
     def image_loss():
-        scenes = [world.sample(rng) for _ in range(recipe.batch)]
-        return example_loss(model, batcher.batch([image_example(s, rng) for s in scenes], scenes))
+        rows, scenes = next(pictured)
+        return example_loss(model, batcher.batch(rows, scenes))
 
     vision = [tower, model.model.multi_modal_projector]
     for part in vision:
@@ -332,9 +374,12 @@ def stage_a_b(recipe: Recipe, start: Path, out: Path, keep: Path | None = None) 
 
 
 # --- stage C ----------------------------------------------------------------------------------------------------
-def triplets(n: int, seed: int) -> list[tuple[str, str, str]]:
+def triplets(n: int, seed: int, shuffled: bool = False) -> list[tuple[str, str, str]]:
     """Toy NLI: (anchor, paraphrase, hard negative). The negative has the anchor's wording and one attribute changed;
-    anchor and paraphrase are in random registers, so the pair often crosses from plain to rich words."""
+    anchor and paraphrase are in random registers, so the pair often crosses from plain to rich words.
+
+    ``shuffled``: the control, with the positives and the hard negatives permuted across rows (each its own
+    permutation): the same sentences and the same contrastive training, with no meaning in the pairs."""
     rng = random.Random(f"nli:{seed}")
     rows = []
     for scene in world.scenes("train", n, seed=seed + 1):
@@ -344,54 +389,80 @@ def triplets(n: int, seed: int) -> list[tuple[str, str, str]]:
         negative = world.caption(other, random.Random(k), rich=rich, form=form)
         positive = world.caption(scene, rng, rich=rng.random() < 0.5)
         rows.append((anchor, positive, negative))
+    if shuffled:
+        mix = random.Random(f"shuffle:{seed}")
+        positives, negatives = [r[1] for r in rows], [r[2] for r in rows]
+        mix.shuffle(positives)
+        mix.shuffle(negatives)
+        rows = [(r[0], p, q) for r, p, q in zip(rows, positives, negatives)]
     return rows
 
 
-def stage_c(recipe: Recipe, base: Path, work: Path, out: Path) -> dict:
-    """Write the toy NLI triplets, run ``e5v train`` on them and ``e5v merge`` the adapter into ``out``."""
+def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None) -> dict:
+    """Write the toy NLI triplets, run ``e5v train`` on them (the adapter lands in ``work/stage-c/adapter``) and
+    ``e5v merge`` the adapter into ``out`` (unless ``out`` is None)."""
     from ..cli import main as e5v
 
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "toy-nli.csv"
     with data.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sent0", "sent1", "hard_neg"])
-        w.writerows(triplets(recipe.c_triplets, recipe.seed))
+        w.writerows(triplets(recipe.c_triplets, recipe.c_seed, recipe.c_shuffle))
     run = work / "stage-c"
-    code = e5v(["train", "--model", str(base), "--data", str(data), "--output-dir", str(run),
-                "--batch-size", str(recipe.c_batch), "--micro-batch-size", str(3 * recipe.c_batch),
-                "--max-steps", str(recipe.c_steps), "--learning-rate", str(recipe.c_lr),
-                "--warmup-steps", str(recipe.c_warmup), "--lora-r", str(recipe.c_lora_r),
-                "--lora-alpha", str(recipe.c_lora_alpha), "--dtype", "float32", "--device", "cpu",
-                "--save-steps", str(recipe.c_steps), "--seed", str(recipe.seed), "--no-gradient-checkpointing",
-                "--no-progress", "--no-tensorboard"])
+    with fixed_threads(recipe.threads):
+        code = e5v(["train", "--model", str(base), "--data", str(data), "--output-dir", str(run),
+                    "--batch-size", str(recipe.c_batch), "--micro-batch-size", str(3 * recipe.c_batch),
+                    "--max-steps", str(recipe.c_steps), "--learning-rate", str(recipe.c_lr),
+                    "--warmup-steps", str(recipe.c_warmup), "--lora-r", str(recipe.c_lora_r),
+                    "--lora-alpha", str(recipe.c_lora_alpha), "--dtype", "float32", "--device", "cpu",
+                    "--save-steps", str(recipe.c_steps), "--seed", str(recipe.c_seed),
+                    "--no-gradient-checkpointing", "--no-progress", "--no-tensorboard"])
     if code:
         raise RuntimeError(f"e5v train exited with {code}")
-    code = e5v(["merge", "--model", str(base), "--adapter", str(run / "adapter"), "--out", str(out),
-                "--dtype", "float32"])
-    if code:
-        raise RuntimeError(f"e5v merge exited with {code}")
+    if out is not None:
+        code = e5v(["merge", "--model", str(base), "--adapter", str(run / "adapter"), "--out", str(out),
+                    "--dtype", "float32"])
+        if code:
+            raise RuntimeError(f"e5v merge exited with {code}")
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     return {"stage_c_loss": [losses[0], losses[-1]]}
 
 
-def rebuild(out, recipe: Recipe = Recipe(), work=None) -> dict:
-    """Run the whole recipe into ``out`` (a new directory); ``work`` keeps the stage checkpoints."""
+def rebuild(out, recipe: Recipe = Recipe(), work=None, base=None) -> dict:
+    """Run the whole recipe into ``out`` (a new directory); ``work`` keeps the stage checkpoints (``work/stage-ab``
+    is the model before stage C). With ``base`` (a model before stage C, e.g. ``MINI_BEFORE_C``), run stage C only."""
     import tempfile
 
     out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, fixed_threads(recipe.threads):
         work = Path(work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        build(work / "init", recipe.seed)
         report = {"recipe": asdict(recipe)}
-        report.update(stage_a_b(recipe, work / "init", work / "stage-ab", work / "stage-a"))
-        report["stage_ab_s"] = round(time.perf_counter() - t0, 1)
-        report.update(stage_c(recipe, work / "stage-ab", work, out))
+        if base is None:
+            build(work / "init", recipe.seed)
+            report.update(stage_a_b(recipe, work / "init", work / "stage-ab", work / "stage-a"))
+            report["stage_ab_s"] = round(time.perf_counter() - t0, 1)
+            base = work / "stage-ab"
+        else:
+            report["base"] = str(base)
+        report.update(stage_c(recipe, Path(base), work, out))
         report["total_s"] = round(time.perf_counter() - t0, 1)
     (out / "recipe.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def setting(recipe: Recipe, kv: str) -> Recipe:
+    """``recipe`` with one ``KEY=VALUE`` changed (the value in the setting's type; booleans as true/false)."""
+    key, value = kv.split("=", 1)
+    kind = type(getattr(recipe, key))
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} takes true or false, not {value!r}")
+        return replace(recipe, **{key: value.lower() in ("true", "1")})
+    return replace(recipe, **{key: kind(value)})
 
 
 def main(argv=None) -> None:
@@ -400,14 +471,15 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--quick", action="store_true", help="a shortened recipe (seconds; for tests)")
     parser.add_argument("--work", type=Path, help="keep the stage checkpoints here")
+    parser.add_argument("--base", type=Path, help="run stage C only, from this model before stage C "
+                                                  "(e.g. the shipped mini-before-c)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a recipe setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = QUICK if args.quick else Recipe()
     for kv in args.set:
-        key, value = kv.split("=", 1)
-        recipe = replace(recipe, **{key: type(getattr(recipe, key))(value)})
-    print(json.dumps(rebuild(args.out, recipe, args.work), indent=2))
+        recipe = setting(recipe, kv)
+    print(json.dumps(rebuild(args.out, recipe, args.work, args.base), indent=2))
 
 
 if __name__ == "__main__":

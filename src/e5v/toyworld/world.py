@@ -3,8 +3,9 @@
 Everything is a pure function of a seed, so the recipe, the tests and the demo see the same world.
 
 - An object is a (colour, shape, position) triple: 8 colours x 5 shapes x 5 positions = 200 triples.
-- :func:`split` holds out a fixed fifth of the triples. Training scenes use only the other four fifths;
-  held-out scenes contain at least one held-out triple, so every one of them is a combination never seen.
+- :func:`split` holds out a fixed fifth of the triples. Training scenes use only the other four fifths, and so
+  do the edits the recipe trains on (:func:`changed`); held-out scenes contain at least one held-out triple, so
+  every one of them is a combination never seen.
 - The language has a *plain* register (canonical words, a few sentence forms) and a *rich* one (synonyms and
   other word orders, "a scarlet disc is on the west side"). The recipe's instructions (stages A and B) use the
   plain register only; stage A reads rich captions as plain text, but nothing tells the language model that the
@@ -99,20 +100,21 @@ def _pair(rng: random.Random, first: list[Obj], second: list[Obj]) -> tuple[Obj,
             return a, b
 
 
-def scenes(part: str, n: int, *, seed: int = 0, two_fraction: float = 0.6) -> list[Scene]:
+def scenes(part: str, n: int, *, seed: int = 0, two_fraction: float = 0.6,
+           single_fraction: float = 0.1) -> list[Scene]:
     """``n`` distinct scenes of ``part`` ("train" or "held-out"), the same list for the same arguments.
 
-    Held-out scenes come first as the single held-out objects, then pairs with at least one held-out object.
-    Training scenes are :func:`sample`'s; they may repeat contents with other jitter, as a dataset would.
+    Held-out scenes are single held-out objects (``single_fraction`` of them, a subset drawn by the seed: there
+    are only 40) and pairs with at least one held-out object, in random order, so that galleries of different
+    seeds share few scenes. Training scenes are :func:`sample`'s; they may repeat contents with other jitter, as a
+    dataset would.
     """
     rng = random.Random(f"{part}:{seed}")
     if part == "held-out":
         train, held = ordered()
-        out: list[Scene] = []
-        seen = set()
-        for o in held[:n]:
-            out.append(Scene((o,), rng.randrange(1 << 30)))
-            seen.add(out[-1].content)
+        singles = [Scene((o,), rng.randrange(1 << 30)) for o in rng.sample(held, min(len(held),
+                                                                                   round(n * single_fraction)))]
+        out, seen = singles[:n], {s.content for s in singles[:n]}
         everything = train + held
         while len(out) < n:
             pair = _pair(rng, held, everything)
@@ -120,6 +122,7 @@ def scenes(part: str, n: int, *, seed: int = 0, two_fraction: float = 0.6) -> li
             if scene.content not in seen:
                 seen.add(scene.content)
                 out.append(scene)
+        rng.shuffle(out)
         return out
     if part != "train":
         raise ValueError(f"part must be 'train' or 'held-out', not {part!r}")
@@ -224,8 +227,9 @@ def edit_words(old: Obj, new: Obj) -> str:
     return f"move the {old.colour} {old.shape} to the {new.position}"
 
 
-def edits(scene: Scene) -> list[tuple[Scene, str]]:
-    """Every scene that differs from ``scene`` in one attribute of one object, with the words that ask for it."""
+def edits(scene: Scene, within: frozenset | None = None) -> list[tuple[Scene, str]]:
+    """Every scene that differs from ``scene`` in one attribute of one object, with the words that ask for it;
+    with ``within``, only those whose objects are all in ``within``."""
     out = []
     taken = {x.position for x in scene.objects}
     for i, o in enumerate(scene.objects):
@@ -235,11 +239,16 @@ def edits(scene: Scene) -> list[tuple[Scene, str]]:
         for new in news:
             objs = list(scene.objects)
             objs[i] = new
-            if len(set(objs)) == len(objs):
+            if len(set(objs)) == len(objs) and (within is None or set(objs) <= within):
                 out.append((Scene(tuple(objs), scene.seed), edit_words(o, new)))
     return out
 
 
 def changed(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
-    """A random one of :func:`edits`: the scene with one attribute changed, and the words that ask for it."""
-    return rng.choice(edits(scene))
+    """A random one of :func:`edits` that keeps to training triples: the scene with one attribute changed, and the
+    words that ask for it. The recipe's edit answers and hard negatives come from here, so an edit must not turn
+    a training scene into a held-out one."""
+    allowed = edits(scene, split()[0])
+    if not allowed:
+        raise ValueError(f"scene {scene.id} has no edit that keeps to training triples")
+    return rng.choice(allowed)
