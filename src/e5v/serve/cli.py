@@ -61,7 +61,8 @@ def add_parsers(sub) -> None:
                      help="seconds a request has to send its body (default 60)")
     con.add_argument("--max-connections", type=int, default=1000,
                      help="open connections; at the cap the longest-idle one is closed to make room, and when all "
-                          "are busy a newcomer gets 503 (default 1000, and at most the descriptor limit - 128)")
+                          "are busy a newcomer gets 503 (default 1000, and at most the descriptor limit - 128 - "
+                          "twice the backlog)")
     con.add_argument("--backlog", type=int, default=128, help="connections waiting to be accepted (default 128)")
     p.set_defaults(run=run_serve)
 

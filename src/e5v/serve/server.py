@@ -41,10 +41,14 @@ class Connections:
     backlog: int = 128
 
     def connection_cap(self) -> int:
+        """At most the descriptor limit less the reserve and less twice the backlog: asyncio accepts up to
+        ``backlog`` connections in one burst before any of them can make room, and the connections they evict
+        release their descriptors only an event-loop turn later, while the next burst may already be accepted.
+        Without that headroom accept() fails with EMFILE and the listener pauses."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return self.max_connections
-        return max(8, min(self.max_connections, soft - FD_RESERVE))
+        return max(8, min(self.max_connections, soft - FD_RESERVE - 2 * self.backlog))
 
 
 def _json_bytes(status: int, message: str) -> bytes:
