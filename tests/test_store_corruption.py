@@ -1,4 +1,4 @@
-"""The corruption matrix: 27 kinds of damage to an index folder. Each must end DETECTED (a clear E5VError on open,
+"""The corruption matrix: 28 kinds of damage to an index folder. Each must end DETECTED (a clear E5VError on open,
 search, add or verify) or REPAIRED (after `e5v index repair`, search results equal the undamaged index), never
 WRONG (results that differ without an error) or a traceback. The matrix is printed (run with -s to see it)."""
 from __future__ import annotations
@@ -116,6 +116,7 @@ DAMAGE = {
     "edit counts consistently": lambda f: _manifest(f, lambda m: (m["partitions"][1].update(count=3),
                                                                   m.update(count=15), m["counts"].update(text=13))),
     "wrong types in the manifest": lambda f: _manifest(f, lambda m: m.update(count="16")),
+    "wrong types in a partition's counts": lambda f: _manifest(f, lambda m: m["partitions"][1].update(counts="4")),
     "edit dtype in the manifest": lambda f: _manifest(f, lambda m: m.update(dtype="float16")),
     "reorder partitions in the manifest": lambda f: _manifest(f, lambda m: m["partitions"].reverse()),
     "point a partition at another's files": lambda f: _manifest(f, lambda m: m["partitions"][0].update(

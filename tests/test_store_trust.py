@@ -256,6 +256,24 @@ def test_changed_sources_are_reported_and_updated_in_place(cli, model_dir, two_f
     assert code == 0 and "changed (not updated)" not in stdout  # up to date now
 
 
+def test_update_refuses_a_damaged_partition_instead_of_sealing_the_damage(cli, model_dir, tmp_path):
+    """--update copies a partition's other vectors into new files with new checksums: copying damaged ones would
+    make the damage pass `index verify`, so the partition must be repaired first."""
+    source = texts_source(tmp_path, 4)
+    out = tmp_path / "u.idx"
+    assert build(cli, model_dir, source, out)[0] == 0
+    data = bytearray((out / "part-000000.npy").read_bytes())
+    data[-3] ^= 0x10
+    (out / "part-000000.npy").write_bytes(bytes(data))  # t0..t2's vectors are kept by the update; one is hurt
+    source.write_text(source.read_text().replace("number 3", "number three"))
+    code, _, stderr = cli("index", "add", out, source, "--update", "--device", "cpu", "--no-progress")
+    assert code == 1 and "part-000000.npy does not match its checksum" in stderr and "index repair" in stderr
+    assert not list(out.glob("*.r1.npy")) and cli("index", "verify", out)[0] == 1  # not rewritten, still seen
+    assert cli("index", "repair", out, "--device", "cpu", "--no-progress")[0] == 0
+    code, stdout, _ = cli("index", "add", out, source, "--update", "--device", "cpu", "--no-progress")
+    assert code == 0 and "1 changed re-embedded" in stdout and cli("index", "verify", out)[0] == 0
+
+
 # --- file names and items the engine cannot take ----------------------------------------------------------
 def test_names_that_are_not_utf8_or_hold_a_newline(cli, model_dir, tmp_path):
     folder = tmp_path / "names"

@@ -32,13 +32,30 @@ def _faiss():
     return faiss
 
 
+ANN_HINT = "search with --exact, or rebuild it with `e5v index repair`"
+
+
 def read_ann(path: Path):
     try:
         return _faiss().read_index(str(path))
     except RuntimeError as exc:  # faiss reports a damaged file this way
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise IndexDamagedError(f"{path}: not a readable approximate index ({reason}); search with --exact, or "
-                                "rebuild it with `e5v index repair`") from None
+        raise IndexDamagedError(f"{path}: not a readable approximate index ({reason}); {ANN_HINT}") from None
+
+
+def open_ann(folder: Path, info: dict, dim: int):
+    """The approximate index that the manifest's ``info`` describes, checked against it (present, checksum when
+    recorded, readable, vector count and dim); an :class:`e5v.errors.IndexDamagedError` names what is wrong."""
+    path = folder / info["file"]
+    if not path.exists():
+        raise IndexDamagedError(f"{path}: the approximate index is missing; {ANN_HINT}")
+    if "sha256" in info and digest(path) != info["sha256"]:
+        raise IndexDamagedError(f"{path}: the approximate index does not match its checksum; {ANN_HINT}")
+    ann = read_ann(path)
+    if ann.ntotal != info["count"] or ann.d != dim:
+        raise IndexDamagedError(f"{path}: the approximate index holds {ann.ntotal} vectors of dim {ann.d}, the "
+                                f"manifest says {info['count']} of dim {dim}; {ANN_HINT}")
+    return ann
 
 
 def _new_hnsw(dim: int, dtype: str, m: int, ef_construction: int):
@@ -88,13 +105,12 @@ def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int 
         raise ConfigError(f"{folder} has an unfinished build or add; rerun it before building the approximate index")
     if index.count == 0:
         raise ConfigError(f"{folder} holds no vectors")
-    if update and old and old.get("stale"):  # partitions were rewritten since: build it again, same options
-        update, dtype, m, ef_construction, ef_search = False, old["dtype"], old["m"], old["ef_construction"], \
-            old["ef_search"]
+    if update and old:  # its own options; a stale one (partitions were rewritten since) is built again
+        dtype, m, ef_construction, ef_search = old["dtype"], old["m"], old["ef_construction"], old["ef_search"]
+        update = not old.get("stale")
     if update and old:
         if old["count"] == index.count:
             return old
-        dtype, m, ef_construction, ef_search = old["dtype"], old["m"], old["ef_construction"], old["ef_search"]
         ann, start = index.ann(), old["count"]
     else:
         if dtype not in ANN_DTYPES:

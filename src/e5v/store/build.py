@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, E5VError
+from ..errors import ConfigError, E5VError, IndexDamagedError
 from ..parts import atomic_save, atomic_write_bytes
+from .index import REPAIR_HINT
 from .layout import DTYPES, FORMAT, VERSION, done_path, file_facts, part_file, part_name, read_manifest, read_rows
-from .layout import revision
+from .layout import partition_problems, revision
 from .layout import rows_path, vectors_path, write_jsonl, write_manifest
 from .sources import Entry, row_changed, row_origin, same_item
 
@@ -170,7 +171,7 @@ def classify(folder: Path, manifest: dict, entries: list[Entry], upto: int, sour
                 by_origin[o] = (i, j, r)
     known, changed, new, clashes = 0, [], [], []
     for e in entries:
-        hit = by_origin.get(e.origin()) if e.origin() is not None else None
+        hit = by_origin.get(e.origin())  # None for a text: by_origin holds images only
         if hit is None and e.id in by_id:
             hit = by_id[e.id]
             if not same_item(hit[2], e) and e.problem is None:
@@ -426,6 +427,11 @@ def update_items(folder: Path, manifest: dict, changed: list, model, prompt: dic
     by_part: dict[int, dict[int, Entry]] = {}
     for i, j, e in changed:
         by_part.setdefault(i, {})[j] = e
+    for i in sorted(by_part):  # the kept vectors are copied: damage would get fresh checksums and pass verify
+        problems = partition_problems(folder, manifest, i, checksums=True)
+        if problems:
+            raise IndexDamagedError(f"{folder}: {part_name(i)} is damaged: {problems[0]}; {REPAIR_HINT}, then "
+                                    "run the update again")
     skipped_all, updated = [], 0
     with progress_bar(len(changed), f"update {folder.name}", progress) as bar:
         for i, items in sorted(by_part.items()):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, IndexDamagedError
-from .layout import MANIFEST, check_vectors, digest, part_file, partition_problems, read_manifest, read_rows
+from .layout import MANIFEST, check_vectors, part_file, partition_problems, read_manifest, read_rows
 from .layout import read_tar_member, vectors_path
 
 REPAIR_HINT = "`e5v index verify` lists all damage, `e5v index repair` re-embeds damaged partitions"
@@ -228,18 +228,9 @@ class Index:
             return None
         with self._lock:
             if self._ann is None:
-                from .ann import read_ann
+                from .ann import open_ann
 
-                path = self.path / info["file"]
-                if not path.exists() or ("sha256" in info and digest(path) != info["sha256"]):
-                    what = "damaged" if path.exists() else "missing"
-                    raise IndexDamagedError(f"{path}: the approximate index is {what}; search with --exact, or "
-                                            "rebuild it with `e5v index repair`")
-                self._ann = read_ann(path)
-                if self._ann.ntotal != info["count"] or self._ann.d != self.dim:
-                    self._ann = None
-                    raise IndexDamagedError(f"{path}: the approximate index does not match the manifest; search "
-                                            "with --exact, or rebuild it with `e5v index repair`")
+                self._ann = open_ann(self.path, info, self.dim)
             return self._ann
 
 

@@ -110,6 +110,10 @@ def _hexes(v) -> bool:
     return isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("vectors", "rows"))
 
 
+def _counts(v) -> bool:
+    return isinstance(v, dict) and all(_int(v.get(k)) for k in ("image", "text"))
+
+
 def manifest_problem(m: dict) -> str | None:
     """What is wrong with the fields of a manifest, or None (types and sums; files are not looked at)."""
     if not isinstance(m.get("model"), str) or not isinstance(m.get("prompt"), dict):
@@ -131,8 +135,10 @@ def manifest_problem(m: dict) -> str | None:
         if "sha256" in p and not (_hexes(p["sha256"]) and isinstance(p.get("bytes"), dict)
                                   and all(_int(p["bytes"].get(k)) for k in ("vectors", "rows"))):
             return f"{p['name']}: sha256 or bytes malformed"
+        if "counts" in p and not (_counts(p["counts"]) and p["counts"]["image"] + p["counts"]["text"] == p["count"]):
+            return f"{p['name']}: counts {p['counts']!r} do not match its count {p['count']}"
     counts = m.get("counts")
-    if not (isinstance(counts, dict) and all(_int(counts.get(k)) for k in ("image", "text"))):
+    if not _counts(counts):
         return "counts is not {image: n, text: n}"
     if not _int(m.get("count")) or m["count"] != sum(p["count"] for p in parts) or \
             m["count"] != counts["image"] + counts["text"]:

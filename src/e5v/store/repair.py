@@ -106,20 +106,12 @@ def _ann_problems(folder: Path, manifest: dict) -> list[str]:
     ann = manifest.get("ann")
     if not ann:
         return []
-    path = folder / ann["file"]
-    if not path.exists():
-        return [f"{ann['file']} is missing"]
-    if "sha256" in ann and digest(path) != ann["sha256"]:
-        return [f"{ann['file']} does not match its checksum"]
-    from .ann import read_ann
+    from .ann import open_ann
 
     try:
-        index = read_ann(path)
+        open_ann(folder, ann, manifest["dim"])
     except E5VError as exc:
         return [str(exc)]
-    if index.ntotal != ann["count"] or index.d != manifest["dim"]:
-        return [f"{ann['file']} holds {index.ntotal} vectors of dim {index.d}, the manifest says {ann['count']} "
-                f"of dim {manifest['dim']}"]
     return []
 
 

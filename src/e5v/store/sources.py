@@ -85,9 +85,7 @@ class Entry:
 
     def origin(self):
         """Where an image comes from (its file, or its shard and member), whatever its id; None for a text."""
-        if self.tar:
-            return ("tar", self.tar[0], self.tar[3])
-        return None if self.image is None else ("file", self.image)
+        return _origin(self.tar, self.image)
 
     @classmethod
     def from_row(cls, row: dict) -> Entry:
@@ -99,9 +97,13 @@ class Entry:
 
 def row_origin(row: dict):
     """:meth:`Entry.origin` of a stored row."""
-    if row.get("tar"):
-        return ("tar", row["tar"][0], row["tar"][3])
-    return ("file", row["image"]) if row.get("image") is not None else None
+    return _origin(row.get("tar"), row.get("image"))
+
+
+def _origin(tar, image):
+    if tar:
+        return ("tar", tar[0], tar[3])
+    return None if image is None else ("file", image)
 
 
 def same_item(row: dict, e: Entry) -> bool:
