@@ -88,7 +88,7 @@ class PreparePool:
         for fut, _, _ in handles:
             fut.cancel()
 
-    def collect(self, handles: list[Future]) -> list[tuple]:
+    def collect(self, handles: list[tuple[Future, list, str]]) -> list[tuple]:
         """Wait for a submitted window: one ``(index, name, Features | None, InputError | None)`` per item, in
         order."""
         from .backbones import Features

@@ -350,7 +350,8 @@ class Parsed:
 
 
 def _encodable(text: str, name: str) -> str:
-    """A text UTF-8 can encode (JSON admits lone surrogates such as ``"\\ud800"``; the tokenizer does not)."""
+    """A prompt UTF-8 can encode (JSON admits lone surrogates such as ``"\\ud800"``; the tokenizer does not).
+    Item texts get the same check from :func:`~e5v.inputs.clean_text`."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -367,7 +368,7 @@ def _text(value, name: str, limits: Limits) -> str:
     if len(text) > limits.max_text_chars:
         raise RequestError(400, f"{name}: text too long ({len(text)} characters > limit {limits.max_text_chars})",
                            param=name)
-    return _encodable(text, name)
+    return text
 
 
 def _options(body: dict, limits: Limits) -> tuple[str | None, str | None]:
@@ -412,7 +413,7 @@ def prompt_for(kind: str, name: str, task: str | None, prompt: str | None, image
 
 
 def _content(parts, name: str, limits: Limits, sources: ImageSources,
-             claim: Claim | None) -> tuple[str | None, Image.Image | None]:
+             claim: Claim | None) -> tuple[str | None, Pending | None]:
     """A chat content (a string, or a list of text / image_url parts) -> (text, image); one of each at most."""
     if isinstance(parts, str):
         return _text(parts, name, limits), None

@@ -23,6 +23,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import E5VError
+from .payload import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ class Connections:
 
 
 def _json_bytes(status: int, message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
-                                 "server_error", "param": None, "code": status}}).encode()
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps(RequestError(status, message, kind=kind).body()).encode()
 
 
 class GuardedH11(H11Protocol):
