@@ -269,3 +269,51 @@ def test_paths_no_file_can_have_are_rejected(tmp_path):
     rejected(str(tmp_path / "a\x00b.png"), "not a valid file name")
     err = rejected(str(tmp_path / "\ud800.png"), "not a valid file name")
     str(err).encode("utf-8")
+
+
+def test_a_truncation_warning_is_not_lost_to_a_capture_in_another_thread(monkeypatch):
+    """``warnings.catch_warnings`` is process-wide: when another thread's capture ends while this thread decodes,
+    the decoder's truncation warning must still reach this thread's check. The interleaving is forced: the decode
+    lets the other thread end its capture, waits for it, then warns."""
+    import threading
+    import warnings
+
+    from PIL import ImageFile
+
+    from e5v.inputs import pillow_warnings
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other():  # e.g. the server's header peek on another request
+        with pillow_warnings():
+            entered.set()
+            release.wait(30)
+
+    a = threading.Thread(target=other)
+    a.start()
+    entered.wait(30)
+    real_load = ImageFile.ImageFile.load
+
+    def load_that_warns(self):
+        release.set()
+        a.join(30)  # the other capture has ended by now
+        warnings.warn("image file is truncated (simulated: the decoder mended missing data)")
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load_that_warns)
+    outcome = {}
+
+    def decode():
+        try:
+            load_image(encoded(noise(32, 32), "PNG"), item="img")
+            outcome["accepted"] = True
+        except InputError as e:
+            outcome["error"] = e
+
+    b = threading.Thread(target=decode)
+    b.start()
+    b.join(0.5)
+    release.set()  # with the lock, the decode waits for the other capture: let that one end
+    b.join(30)
+    a.join(30)
+    assert "error" in outcome and "truncated" in outcome["error"].reason, outcome

@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import stat
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,11 +149,25 @@ def _load_path(path: str, item: str, how: _Decoding, max_bytes) -> Image.Image:
         return _open_and_decode(f, item, how)
 
 
-def _open_and_decode(fp, item: str, how: _Decoding) -> Image.Image:
-    # PIL warns (or raises, under -W error) on big images; our own limit is the one that decides.
-    with warnings.catch_warnings(record=True) as caught:
+#: ``warnings.catch_warnings`` changes process-wide state and is not thread-safe: two threads that capture at once
+#: can lose each other's warnings (a truncation let through) or leave the filters changed for good. Every capture of
+#: Pillow's warnings holds this lock (so image decoding in threads of one process is serialised; the engine's worker
+#: processes each have their own).
+_WARNINGS_LOCK = threading.RLock()
+
+
+@contextmanager
+def pillow_warnings():
+    """Capture the warnings Pillow gives while it opens or decodes an image (a list, for :func:`_truncation`). Its
+    decompression-bomb warning is dropped: our own pixel limit is the one that decides."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.simplefilter("always", UserWarning)
+        yield caught
+
+
+def _open_and_decode(fp, item: str, how: _Decoding) -> Image.Image:
+    with pillow_warnings() as caught:
         try:
             im = Image.open(fp, formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as e:
@@ -209,9 +225,7 @@ def _check_jpeg_data(fp, item: str) -> None:
 def _decode(im: Image.Image, item: str, how: _Decoding, *, first_frame: bool, upright: bool) -> Image.Image:
     """Load the pixels (reduced at decode time where asked), turn them upright (``upright``) and convert to RGB."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.simplefilter("always", UserWarning)
+        with pillow_warnings() as caught:
             if first_frame and getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             factor = _reduction(im.size, how.reduce_to)

@@ -21,7 +21,6 @@ import ssl
 import stat
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -30,7 +29,7 @@ from PIL import Image
 from .. import prompts
 from ..encoder import Item
 from ..errors import ConfigError, E5VError, InputError
-from ..inputs import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, clean_text, load_image
+from ..inputs import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, clean_text, load_image, pillow_warnings
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +198,7 @@ def header_pixels(src) -> int | None:
     try:
         if isinstance(src, str) and not stat.S_ISREG(os.stat(src).st_mode):  # a FIFO would block
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with pillow_warnings():
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src, formats=IMAGE_FORMATS) as im:
                 w, h = im.size
     except Exception:  # garbage is load_image's to report, with its reason
