@@ -12,6 +12,7 @@ import html
 import json
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import MINI, MINI_BEFORE_C, MINI_SHUFFLED, world
@@ -133,12 +134,10 @@ def claim2(model, shipped: dict, g, second: int) -> dict:
     galleries = {"gallery 0 (held-out)": g, f"gallery {second}": gallery(len(g.scenes), second)}
     out = {name: {} for name in galleries}
     for model_name, path, adapter in CLAIM2_MODELS:
-        engine = model if path is None else E5V.from_pretrained(
-            str(path), device="cpu", dtype="float32", adapter=str(adapter) if adapter else None)
-        for name, gal in galleries.items():
-            out[name][model_name] = shipped if path is None and gal is g else evaluate(engine, gal)
-        if path is not None:
-            engine.close()
+        with nullcontext(model) if path is None else E5V.from_pretrained(
+                str(path), device="cpu", dtype="float32", adapter=str(adapter) if adapter else None) as engine:
+            for name, gal in galleries.items():
+                out[name][model_name] = shipped if path is None and gal is g else evaluate(engine, gal)
     return out
 
 
@@ -162,17 +161,13 @@ def render_page(cards, figures, out: Path, scenes: int, model: str) -> str:
 
     head = "".join(f"<th>{k}</th>" for k in ("", "text→image R@1", "rich words", "image→text R@1", "modality gap",
                                              "composed R@1 / R@5"))
-    body = "".join(
-        f"<tr><td>{n}</td><td>{f['t2i_r1_plain']:.1f}</td><td>{f['t2i_r1_rich']:.1f}</td>"
-        f"<td>{f['i2t_r1_plain']:.1f}</td><td>{f['gap_plain']:.2f}</td>"
-        f"<td>{composed(f)}</td></tr>"
-        for n, f in figures.items() if n != "claim 2")
-    if "claim 2" in figures:
-        body += "".join(
-            f"<tr><td>{html.escape(g)}: {html.escape(n)}</td><td>{f['t2i_r1_plain']:.1f}</td>"
-            f"<td>{f['t2i_r1_rich']:.1f}</td><td>{f['i2t_r1_plain']:.1f}</td><td>{f['gap_plain']:.2f}</td>"
-            f"<td>{composed(f)}</td></tr>"
-            for g, rows in figures["claim 2"].items() for n, f in rows.items())
+    def figure_row(label, f):
+        return (f"<tr><td>{html.escape(label)}</td><td>{f['t2i_r1_plain']:.1f}</td><td>{f['t2i_r1_rich']:.1f}</td>"
+                f"<td>{f['i2t_r1_plain']:.1f}</td><td>{f['gap_plain']:.2f}</td><td>{composed(f)}</td></tr>")
+
+    body = "".join(figure_row(n, f) for n, f in figures.items() if n != "claim 2")
+    body += "".join(figure_row(f"{g}: {n}", f) for g, models in figures.get("claim 2", {}).items()
+                    for n, f in models.items())
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>e5v demo</title><style>
 body{{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}}
 table{{border-collapse:collapse;margin:12px 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}

@@ -57,15 +57,20 @@ class EngineSentences:
 
     def encoder(self, runner, device: torch.device, autocast=None):
         """Features of one chunk -> last-token final hidden states (fp32), through ``runner`` (the LoRA LM)."""
-        bb = self.backbone
+        return last_token_encoder(self.backbone, self.backbone.collate, runner, device, autocast)
 
-        def encode(feats) -> torch.Tensor:
-            batch = engine.to_device(bb.collate(feats), device)
-            with autocast_context(device, autocast):
-                hidden = bb.forward(batch, language_model=runner)
-            return engine.pool_last(hidden).float()
 
-        return encode
+def last_token_encoder(backbone, collate, runner, device: torch.device, autocast=None):
+    """Chunk -> ``collate`` -> ``runner`` (the LoRA LM, through :meth:`Backbone.forward`) -> the engine's pooling:
+    last-token final hidden states (fp32). Both modes' encoder; they differ only in ``collate``."""
+
+    def encode(chunk) -> torch.Tensor:
+        batch = engine.to_device(collate(chunk), device)
+        with autocast_context(device, autocast):
+            hidden = backbone.forward(batch, language_model=runner)
+        return engine.pool_last(hidden).float()
+
+    return encode
 
 
 def make_sentences(cfg, backbone, max_length: int):

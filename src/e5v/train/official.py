@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import encoder as engine
 from .. import prompts
 from ..errors import ConfigError
 from .data import Triplet, shard
-from .embed import autocast_context
+from .embed import last_token_encoder
 
 #: The inner template of the official ``run.sh`` after its ``_`` -> space replacement (no trailing space).
 OFFICIAL_TRAIN_PROMPT = "<sent>\nSummary above sentence in one word:"
@@ -63,7 +62,7 @@ class OfficialQuirks:
     """Sentences, groups and padded batches as the released training code makes them (module docstring)."""
 
     def __init__(self, backbone, *, prompt: str = "", cutoff_len: int = 32, group_size: int = 24):
-        self.tokenizer = backbone.tokenizer
+        self.backbone, self.tokenizer = backbone, backbone.tokenizer
         inner = prompt or OFFICIAL_TRAIN_PROMPT
         if prompts.SENT not in inner:
             raise ConfigError(f"the training prompt must contain {prompts.SENT}: {inner!r}")
@@ -127,11 +126,4 @@ class OfficialQuirks:
 
     def encoder(self, runner, device: torch.device, autocast=None):
         """One group's sequences -> last-position final hidden states (fp32), through ``runner`` (the LoRA LM)."""
-
-        def encode(seqs: list[QuirkSeq]) -> torch.Tensor:
-            batch = engine.to_device(self.collate(seqs), device)
-            with autocast_context(device, autocast):
-                hidden = runner(**batch, use_cache=False).last_hidden_state
-            return engine.pool_last(hidden).float()
-
-        return encode
+        return last_token_encoder(self.backbone, self.collate, runner, device, autocast)
