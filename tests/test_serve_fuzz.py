@@ -21,7 +21,7 @@ from e5v import E5V
 from e5v.serve.app import Settings, create_app
 from e5v.serve.payload import Limits
 from e5v.serve.server import running
-from serve_helpers import data_uri, image_part, png
+from serve_helpers import data_uri, image_part, png, poison_preparation
 
 SEED, CLIENTS, PER_CLIENT = 12, 12, 100
 TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock market fell today.", "hello",
@@ -176,21 +176,7 @@ def raw_http(host: str, port: int, data: bytes) -> bytes:
 
 
 def test_fuzz_the_server(model, pool, monkeypatch):
-    from e5v.encoder import Preparer
-
-    original = Preparer.prepare
-
-    class Panic(BaseException):  # as tokenizers' PanicException
-        pass
-
-    def engine_crash(self, item, prompt):  # an item the engine chokes on with an arbitrary exception
-        if item.text is not None and "POISON" in item.text:
-            raise RuntimeError("engine crash")
-        if item.text is not None and "PANIC" in item.text:
-            raise Panic("tokenizer panic")
-        return original(self, item, prompt)
-
-    monkeypatch.setattr(Preparer, "prepare", engine_crash)
+    poison_preparation(monkeypatch, "engine crash")  # items the engine chokes on with arbitrary exceptions
     settings = Settings(model_name="tiny", limits=LIMITS, allow_paths=(str(pool["folder"]),),
                         allow_urls=("http://127.0.0.1:9/img/",), batch_wait_ms=5, url_timeout=2)
     statuses, kinds, problems, lock = Counter(), Counter(), [], threading.Lock()

@@ -25,7 +25,7 @@ from e5v import E5V
 from e5v.serve.app import Settings, create_app
 from e5v.serve.payload import Limits
 from e5v.serve.server import free_port, running
-from serve_helpers import data_uri, image_part, png
+from serve_helpers import data_uri, image_part, png, poison_preparation
 
 TEXTS = ["A dog runs across the park.", "a cat sleeps on the sofa", "The stock market fell today.", "red car"]
 LIMITS = Limits(max_items=16, max_body_bytes=1 << 20, max_image_bytes=256 << 10, max_pixels=1_000_000,
@@ -61,21 +61,7 @@ def expected(model):
 def test_a_bad_item_fails_only_its_own_request_whatever_it_raises(model, expected, monkeypatch):
     """Lone surrogates (in an input, a content part, a prompt) and an item on which the engine's preparation raises
     an arbitrary exception, merged with innocent requests into one model call: a 400 for the carrier only."""
-    from e5v.encoder import Preparer
-
-    original = Preparer.prepare
-
-    class Panic(BaseException):  # as tokenizers' PanicException
-        pass
-
-    def flaky(self, item, prompt):
-        if item.text is not None and "POISON" in item.text:
-            raise ValueError("internal detail that must not reach the client")
-        if item.text is not None and "PANIC" in item.text:
-            raise Panic("internal detail that must not reach the client")
-        return original(self, item, prompt)
-
-    monkeypatch.setattr(Preparer, "prepare", flaky)
+    poison_preparation(monkeypatch, "internal detail that must not reach the client")
     backbone_prepare = type(model.backbone).prepare
 
     def leaky(self, text, image=None):  # raises inside the engine's own per-item wrapper, which keeps the text
