@@ -12,7 +12,7 @@ import numpy as np
 from e5v import prompts
 from e5v.store import open_index
 from e5v.store.ann import build_ann
-from e5v.store.build import Job, commit, new_manifest, write_part
+from e5v.store.build import IndexJob, commit, new_manifest, write_part
 from e5v.store.sources import Entry
 
 
@@ -32,8 +32,8 @@ def main() -> None:
     centers = rng.standard_normal((200, args.dim)).astype(np.float32)
     entries = [Entry(id=f"v{i}", text=f"item {i}") for i in range(args.n)]
     manifest = new_manifest({"model": "synthetic", "prompt": {"image": prompts.IMAGE_PROMPT, "text": prompts.TEXT},
-                             "dtype": "float16"})
-    job = Job("build", "synthetic", "synthetic", 0, args.part_size, entries)
+                             "precision": "float16"})
+    job = IndexJob("build", "synthetic", "synthetic", 0, args.part_size, entries)
     for j in range(job.nparts):
         k = len(job.part(j))
         vectors = unit(centers[rng.integers(0, 200, k)] + rng.standard_normal((k, args.dim)).astype(np.float32))

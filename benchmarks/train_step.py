@@ -5,9 +5,10 @@
 - ``e5v``: e5v's step: GradCache chunks of ``--chunk`` sequences without checkpointing (chunks of sorted
   lengths), same loss and gradients.
 
-Weights are random (speed does not depend on their values), built from configs/llama3-llava-next-8b/config.json
-(``text_config``); LoRA r=64 alpha=16 dropout 0.05 on q,k,v,o,gate,up,down; sentences of ``--tokens`` tokens
-(prompt included), a third of them hard negatives. Prints one JSON line per path.
+Weights are random (speed does not depend on their values), built from the llama3-llava-next-8b config that e5v
+ships (src/e5v/bench/llama3-llava-next-8b/config.json, its ``text_config``); LoRA r=64 alpha=16 dropout 0.05
+on q,k,v,o,gate,up,down; sentences of ``--tokens`` tokens (prompt included), a third of them hard negatives.
+Prints one JSON line per path.
 
 GPU:   python benchmarks/train_step.py --device cuda --dtype bfloat16 --triplets 128 --chunk 96
 CPU:   python benchmarks/train_step.py --tiny
@@ -17,17 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama3-llava-next-8b" / "config.json"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=1000, bos_token_id=None, eos_token_id=None)
 
 
 def build(args):
     from transformers import LlamaConfig, LlamaModel
+
+    from e5v.bench.model import CONFIG
 
     text = json.loads(CONFIG.read_text())["text_config"]
     if args.tiny:

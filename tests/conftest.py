@@ -35,5 +35,29 @@ def mixed_images():
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
-TEXTS = ["A dog.", "Two children are playing soccer on the grass in the sun today.", "hello",
-         "A man is playing a guitar.", "The stock market fell today, and nobody expected it."]
+@pytest.fixture(scope="session")
+def model_dir(tiny_dirs):
+    """The tiny llava-next-llama3 checkpoint (the family of royokong/e5-v) as a path string."""
+    return str(tiny_dirs["llava-next-llama3"])
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """An fp32 CPU engine on :func:`model_dir`."""
+    from e5v import E5V
+
+    return E5V.from_pretrained(model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``e5v ...`` in-process; returns (exit status, stdout, stderr). Never a traceback on stderr."""
+    from e5v.cli import main
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return code, out, err
+
+    return run

@@ -16,7 +16,7 @@ from .errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 
-class _CausalLMView(torch.nn.Module):
+class CausalLMView(torch.nn.Module):
     """Gives a multimodal model's language model the module path a causal LM has (``model.layers...``)."""
 
     def __init__(self, language_model: torch.nn.Module):
@@ -45,7 +45,7 @@ def merge_adapter(model: torch.nn.Module, adapter_dir) -> None:
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelLoadError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
     whole_model = any(".language_model." in k for k in adapter_keys(adapter_dir))
-    target = model if whole_model else _CausalLMView(model.model.language_model)
+    target = model if whole_model else CausalLMView(model.model.language_model)
     config = PeftConfig.from_pretrained(str(adapter_dir))
     config.task_type = None  # a plain module wrapper: no generation helpers needed to merge
     config.inference_mode = True

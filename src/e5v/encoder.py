@@ -16,178 +16,21 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from . import prompts
-from .backbones import Backbone, Features, select
-from .errors import BatchInputError, ConfigError, InputError, ModelLoadError, safe_text
-from .inputs import ALPHA_OPTIONS, clean_text, describe, load_image
+from . import batching, prompts
+from .backbones import Backbone, Features, load_backbone
+from .config import EngineConfig
+from .errors import BatchInputError, ConfigError, InputError
+from .images import ALPHA_OPTIONS
+from .items import EmbedResult, Item, windows
+from .prepare import Preparer, Prepared, check_prompt
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def pool_last(hidden: torch.Tensor) -> torch.Tensor:
-    """E5-V pooling: the last position of the final layer (the last real token under left padding)."""
-    return hidden[:, -1]
-
-
-@dataclass
-class Item:
-    """One input: a text, an image (path, bytes or PIL image), or both (composed)."""
-
-    text: str | None = None
-    image: Any = None
-    name: str | None = None
-
-
-@dataclass
-class EmbedResult:
-    """Vectors of the accepted items (``indices`` into the input, ascending) and the rejected ones.
-
-    ``tokens``: the input length of each accepted row in tokens (prompt, text and image tokens; usage reports)."""
-
-    vectors: np.ndarray
-    indices: np.ndarray
-    skipped: list[tuple[int, InputError]] = field(default_factory=list)
-    seconds: float = 0.0
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def as_item(obj, index: int, prompt: str) -> Item:
-    """Accept an Item, an ``(image, text)`` pair, a dict with image/text, a str, or an image.
-
-    A str is a text when the prompt has ``<sent>``, else an image path (image-only prompts).
-    """
-    if isinstance(obj, Item):
-        return obj if obj.name else Item(obj.text, obj.image, f"item {index}")
-    if isinstance(obj, str) and (prompts.SENT in prompt or prompts.IMAGE not in prompt):
-        return Item(text=obj, name=f"text {index}")
-    if isinstance(obj, tuple) and len(obj) == 2:
-        return Item(image=obj[0], text=obj[1], name=f"pair {index} ({describe(obj[0], index)})")
-    if isinstance(obj, dict):
-        return Item(text=obj.get("text"), image=obj.get("image"), name=str(obj.get("id", f"item {index}")))
-    return Item(image=obj, name=describe(obj, index))
-
-
-def resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype, device: torch.device, *, training: bool = False) -> torch.dtype:
-    """``auto``: fp32 on CPU; on a GPU fp16 (the official recipe's dtype), or for ``training`` bf16 where the GPU
-    has it (fp16 training needs loss scaling)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if training and torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        return DTYPES[str(dtype)]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
-
-
-class Preparer:
-    """Turns one item into :class:`Features`: validate, decode, render the prompt, tokenise, preprocess the image.
-
-    It holds what preprocessing needs and nothing more, so that it can be sent to worker processes
-    (:meth:`shippable` drops the model)."""
-
-    def __init__(self, backbone: Backbone, max_length: int, image_options: dict):
-        self.backbone = backbone
-        self.max_length = max_length
-        self.image_options = image_options
-
-    def shippable(self) -> "Preparer":
-        return Preparer(self.backbone.without_model(), self.max_length, dict(self.image_options))
-
-    def key(self) -> tuple:
-        """What a worker's copy depends on: a change means the workers must be restarted (the AnyRes grid and the
-        chat format too: ``limit_anyres`` may be called on a loaded backbone, and its chat format changed)."""
-        pins = getattr(self.backbone.image_processor, "image_grid_pinpoints", None)
-        return (id(self.backbone), self.backbone.chat_format, self.max_length, tuple(sorted(self.image_options.items())),
-                repr(pins))
-
-    def prepare(self, item: Item, prompt: str) -> Features:
-        """Validate, decode and tokenise one item; raises :class:`InputError` naming it, whatever went wrong with
-        it (a text the tokenizer refuses, a processor error), so that one bad item never sinks its batch.
-        A :class:`ConfigError` is about the call, not the item, and is raised as it is."""
-        name = item.name or "item"  # as_item names every item; a bare Item passed here may not be
-        try:
-            return self._prepare(item, prompt, name)
-        except (InputError, ConfigError, KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
-        except BaseException as exc:  # tokenizers' PanicException is a BaseException
-            log.debug("%s: preparing failed", safe_text(name), exc_info=True)
-            kind = type(exc).__name__
-            raise InputError(name, f"cannot be prepared ({kind}: {str(exc)[:300]})",
-                             public_reason=f"cannot be prepared ({kind})") from None
-
-    def _prepare(self, item: Item, prompt: str, name: str) -> Features:
-        wants_text, wants_image = prompts.SENT in prompt, prompts.IMAGE in prompt
-        if wants_text != (item.text is not None):
-            if wants_text:
-                raise InputError(name, "the prompt needs a text (<sent>) but the item has none")
-            raise InputError(name, "the item has a text but the prompt has no <sent> to put it in")
-        if wants_image != (item.image is not None):
-            if wants_image:
-                raise InputError(name, "the prompt needs an image (<image>) but the item has none")
-            raise InputError(name, "the item has an image but the prompt has no <image> to put it in")
-        text = clean_text(item.text, item=name) if wants_text else None
-        if text is not None and (prompts.IMAGE in text or self.backbone.image_placeholder in text):
-            raise InputError(name, f"the text contains the image marker {prompts.IMAGE!r}")
-        image = load_image(item.image, item=name, **self.image_options) if wants_image else None
-        template = self.backbone.render(prompt)
-        feats = self.backbone.prepare(prompts.fill(template, text), image)
-        if len(feats) > self.max_length:
-            feats = self._truncate(template, text, image, feats, name)
-        return feats
-
-    def _truncate(self, template: str, text: str | None, image, feats: Features, name: str) -> Features:
-        """Cut the item's text (never the prompt) so that the whole input fits ``max_length``."""
-        tok = self.backbone.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
-        for _ in range(4):
-            keep = len(ids) - (len(feats) - self.max_length)
-            if keep <= 0:
-                raise InputError(name, f"the prompt{' and image' if image is not None else ''} alone take "
-                                       f"{len(feats) - len(ids)} tokens, over the limit of {self.max_length}")
-            ids = ids[:keep]
-            feats = self.backbone.prepare(prompts.fill(template, tok.decode(ids)), image)
-            if len(feats) <= self.max_length:
-                log.warning("%s: text truncated to %d tokens to fit the model's limit of %d",
-                            name, len(ids), self.max_length)
-                return feats
-        raise InputError(name, f"could not truncate the text to fit {self.max_length} tokens")
-
-
-@dataclass
-class Prepared:
-    """A window after preprocessing: the good items (input index, name, features) and the rejected ones."""
-
-    ok_idx: list[int] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    feats: list[Features] = field(default_factory=list)
-    skipped: list[tuple[int, InputError]] = field(default_factory=list)
-
-
-#: Attention implementations with a variable-length kernel: packing removes padding at no extra attention cost.
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class E5V:
@@ -238,43 +81,20 @@ class E5V:
 
     # --- loading ---------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None, adapter: str | None = None,
-                        chat_format: str | None = None, attn_implementation: str | None = None,
-                        revision: str | None = None, local_files_only: bool | None = None,
-                        anyres_max_tiles: int | None = None, **engine_options) -> "E5V":
+    def from_pretrained(cls, name_or_path: str | None = None, *, config: EngineConfig | None = None,
+                        **options) -> "E5V":
         """Load ``royokong/e5-v`` (hub id or local copy) or any supported checkpoint.
 
+        ``options``: the fields of :class:`~e5v.config.EngineConfig` (``device``, ``dtype``, ``adapter``,
+        ``chat_format``, ``max_batch_tokens``, ``num_workers``, ...), over ``config`` where one is given.
         ``adapter``: a LoRA adapter directory, merged into the weights after loading.
-        ``anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe: only AnyRes
-        grids of at most that many 336-px tiles (1: the base tile plus one grid tile, about 2.2x fewer image
-        tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`.
-        ``engine_options``: ``max_batch_tokens``, ``max_batch_size``, ``window``, ``max_length``, ``max_pixels``,
-        ``num_workers``, ``packing``, ``group_lengths``, ``alpha``.
+        ``anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe (see
+        :func:`e5v.backbones.load_backbone`).
         """
-        from transformers import AutoConfig
-
-        hub = {k: v for k, v in {"revision": revision, "local_files_only": local_files_only}.items() if v is not None}
-        local = os.path.isdir(name_or_path)
-        if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
-            raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
-        try:
-            config = AutoConfig.from_pretrained(name_or_path, **hub)
-        except (OSError, ValueError) as exc:
-            where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"
-            raise ModelLoadError(f"cannot load a model config for {name_or_path!r} from {where}: {exc}") from exc
-        dev = resolve_device(device)
-        backbone = select(config).from_checkpoint(name_or_path, config, dtype=resolve_dtype(dtype, dev), device=dev,
-                                                  chat_format=chat_format, attn_implementation=attn_implementation,
-                                                  **hub)
-        if adapter:
-            from .adapters import merge_adapter
-
-            merge_adapter(backbone.model, adapter)
-        if anyres_max_tiles is not None:
-            backbone.limit_anyres(int(anyres_max_tiles))
-        log.info("loaded %s (%s, %s format) on %s in %s", name_or_path, type(backbone).__name__,
-                 backbone.chat_format, backbone.device, backbone.dtype)
-        return cls(backbone, **engine_options)
+        cfg = (config or EngineConfig()).replace(**options)
+        if name_or_path is not None:
+            cfg = cfg.replace(model=str(name_or_path))
+        return cls(load_backbone(cfg), **cfg.engine_options())
 
     @property
     def dim(self) -> int:
@@ -304,7 +124,7 @@ class E5V:
         if self.num_workers <= 0:
             self.close()
             return None
-        preparer = self._preparer()
+        preparer = self.preparer()
         key = (preparer.key(), self.num_workers)
         if self._pool is None or self._pool.closed or self._pool_key != key:
             from .workers import PreparePool
@@ -364,7 +184,7 @@ class E5V:
                    normalize: bool = True) -> Iterator[EmbedResult]:
         """Stream results window by window (bounded memory): one :class:`EmbedResult` per window, rows in
         input order, indices into ``items``."""
-        self.check_prompt(prompt)
+        check_prompt(prompt)
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
@@ -374,7 +194,7 @@ class E5V:
         pool = self._workers()
         pending: deque = deque()  # windows being prepared by the workers: at most two at a time
         try:
-            for window in self._windows(items, prompt, size):
+            for window in windows(items, prompt, size):
                 if pool is None:
                     start = time.perf_counter()
                     yield self._run_window(self._prepare_window(window, prompt), bar, start, normalize)
@@ -392,22 +212,11 @@ class E5V:
             if bar is not None:
                 bar.close()
 
-    @staticmethod
-    def _windows(items: Iterable, prompt: str, size: int) -> Iterator[list[tuple[int, Item]]]:
-        window: list[tuple[int, Item]] = []
-        for i, obj in enumerate(items):
-            window.append((i, as_item(obj, i, prompt)))
-            if len(window) >= size:
-                yield window
-                window = []
-        if window:
-            yield window
-
     # --- one window in two steps (servers overlap them on two threads) -----------------------------------
     def prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
         """Preprocess ``(index, Item)`` pairs (in the worker processes when there are any); bad items are
         recorded with their reasons, never raised (a bad prompt raises :class:`ConfigError`)."""
-        self.check_prompt(prompt)
+        check_prompt(prompt)
         pool = self._workers()
         if pool is None:
             return self._prepare_window(window, prompt)
@@ -417,56 +226,27 @@ class E5V:
         """The model on a prepared window: what :meth:`embed` returns for it, indices as given in the window."""
         return self._run_window(prep, None, time.perf_counter(), normalize)
 
-    # --- internals ---------------------------------------------------------------------------------------
-    def check_prompt(self, prompt: str) -> None:
-        """A bad prompt is the call's error, raised once before any item is prepared."""
-        if not isinstance(prompt, str) or not prompt:
-            raise ConfigError("the prompt must be a non-empty string")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ConfigError(f"the prompt {prompt[:80]!r} cannot be encoded as UTF-8 ({e.reason} at position "
-                              f"{e.start}, {prompt[e.start]!r})") from None
-        if prompt.count(prompts.IMAGE) > 1:
-            raise ConfigError("a prompt may hold at most one <image>")
-        if prompt.count(prompts.SENT) > 1:
-            raise ConfigError("a prompt may hold at most one <sent>")
-
-    def _preparer(self) -> Preparer:
+    # --- the steps under this engine's settings ----------------------------------------------------------
+    def preparer(self) -> Preparer:
+        """What prepares items under this engine's settings (the workers get a copy of it)."""
         return Preparer(self.backbone, self.max_length, self.image_options)
 
     def prepare(self, item: Item, prompt: str) -> Features:
         """Validate, decode and tokenise one item; raises :class:`InputError` naming it."""
-        return self._preparer().prepare(item, prompt)
+        return self.preparer().prepare(item, prompt)
 
     def use_packing(self) -> bool:
         """Whether batches are packed (see ``packing`` in :class:`E5V`)."""
-        if self.packing == "auto":
-            return self.backbone.supports_packing and self.backbone.attn_implementation in VARLEN_ATTENTION
-        if self.packing and not self.backbone.supports_packing:
-            raise ConfigError(f"packing is not supported for {type(self.backbone).__name__}; use packing=False")
-        return bool(self.packing)
+        return batching.use_packing(self.packing, self.backbone)
 
     def plan_batches(self, lengths: Sequence[int], *, packed: bool = False) -> list[list[int]]:
-        """Positions grouped into batches: longest first, each under the token budget (padded size, or the
-        sum of the lengths when ``packed``), of one length each with ``group_lengths`` (padded batches)."""
-        order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
-        batches, cur, total = [], [], 0
-        for k in order:
-            size = total + lengths[k] if packed else (len(cur) + 1) * (lengths[cur[0]] if cur else lengths[k])
-            new_length = self.group_lengths and not packed and cur and lengths[k] != lengths[cur[0]]
-            if cur and (size > self.max_batch_tokens or len(cur) >= self.max_batch_size or new_length):
-                batches.append(cur)
-                cur, total = [], 0
-            cur.append(k)
-            total += lengths[k]
-        if cur:
-            batches.append(cur)
-        return batches
+        """Positions grouped into batches under this engine's budgets (see :func:`e5v.batching.plan_batches`)."""
+        return batching.plan_batches(lengths, max_tokens=self.max_batch_tokens, max_size=self.max_batch_size,
+                                     group_lengths=self.group_lengths, packed=packed)
 
     def _prepare_window(self, window: list[tuple[int, Item]], prompt: str) -> Prepared:
         prep = Prepared()
-        preparer = self._preparer()
+        preparer = self.preparer()
         for i, item in window:
             try:
                 prep.feats.append(preparer.prepare(item, prompt))
@@ -511,26 +291,6 @@ class E5V:
         return EmbedResult(vectors[finite], ok, sorted(skipped, key=lambda s: s[0]), time.perf_counter() - start,
                            lengths[finite])
 
-    @torch.inference_mode()
     def run_batch(self, feats: list[Features], *, packed: bool = False, normalize: bool = True) -> np.ndarray:
-        """One forward pass: collate (padded, or packed in one row), run the base model, pool each sequence's
-        last position, L2-normalise in fp32."""
-        bb = self.backbone
-        if packed:
-            cpu_batch, ends = bb.collate_packed(feats)
-        else:
-            cpu_batch, ends = bb.collate(feats), None
-        batch = to_device(cpu_batch, bb.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(bb.dtype)
-        hidden = bb.forward(batch)
-        emb = (hidden[0, ends.to(hidden.device)] if packed else pool_last(hidden)).float()
-        return (F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy()
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a collated batch; to a GPU through pinned host memory with asynchronous copies (the forward pass
-    that follows is queued on the same stream, so it sees the data)."""
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        """One forward pass of the backbone on a batch (see :func:`e5v.batching.forward`)."""
+        return batching.forward(self.backbone, feats, packed=packed, normalize=normalize)

@@ -1,11 +1,9 @@
-"""One exception family for the whole package; the CLI turns it into a message and an exit code."""
+"""One exception family for the whole package; the CLI turns each into one line on stderr and exit status 1."""
 from __future__ import annotations
 
 
 class E5VError(Exception):
     """Base class of every error e5v raises on purpose."""
-
-    exit_code = 1
 
 
 def safe_text(s) -> str:
@@ -25,8 +23,6 @@ class InputError(E5VError):
     ``public_reason`` is what a server may tell a remote client: the reason itself, except where the reason quotes
     an internal exception's text (then only its type; the full reason belongs in the server's log)."""
 
-    exit_code = 2
-
     def __init__(self, item: str, reason: str, public_reason: str | None = None):
         self.item = safe_text(item)
         self.reason = safe_text(reason)
@@ -43,8 +39,6 @@ class BatchInputError(E5VError):
     ``skipped`` is a list of ``(index, InputError)``; ``result`` holds the vectors of the accepted items.
     """
 
-    exit_code = 2
-
     def __init__(self, skipped, result=None):
         self.skipped = list(skipped)
         self.result = result
@@ -58,13 +52,9 @@ class BatchInputError(E5VError):
 class ModelLoadError(E5VError):
     """A checkpoint could not be loaded or is of an unsupported family."""
 
-    exit_code = 3
-
 
 class ConfigError(E5VError):
     """An option or a prompt does not fit the model or the task."""
-
-    exit_code = 4
 
 
 class IndexDamagedError(E5VError):

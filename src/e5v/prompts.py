@@ -2,7 +2,7 @@
 
 Placeholders: ``<sent>`` is replaced by the input text, ``<image>`` marks where the image goes (each backbone
 swaps it for its own image token).  Chat formats take the inner prompt through ``str.format`` (one ``{}``).
-Sources: kongds/E5-V ``README.md``, ``retrieval.py`` and ``eval_sts.py`` (see shared/reference/E5V.md §1.3).
+Sources: the official E5-V code's README, its retrieval evaluation and its STS evaluation.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ IMAGE = "<image>"
 # --- chat formats (the user turn wrapped around the inner prompt) -------------------------------------------
 #: Llama-3 chat format of E5-V (README ``llama3_template``): no system turn, and an extra " \n" after the
 #: assistant header. BOS is added by the tokenizer; no EOS.
-LLAMA3_CHAT = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
+LLAMA3_CHAT = ("<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n \n")
 #: LLaVA-1.6-Mistral as E5-V ran it (paper App. C): ``[INST] {} [/INST]``.
 MISTRAL_CHAT = "[INST] {} [/INST]"
 #: Vicuna v1 conversation format of LLaVA-1.5 and llava-v1.6-vicuna (no system prompt).
@@ -27,18 +28,19 @@ CHAT_FORMATS = {"llama3": LLAMA3_CHAT, "mistral": MISTRAL_CHAT, "vicuna": VICUNA
                 "raw": RAW_CHAT}
 
 # --- task prompts (inner text) ------------------------------------------------------------------------------
-#: Text prompt of the README and ``retrieval.py`` (trailing space included).
+#: Text prompt of the README and the retrieval evaluation (trailing space included).
 TEXT = "<sent>\nSummary above sentence in one word: "
-#: Image prompt of the README and ``retrieval.py``; also used for the rendered captions of I2I retrieval.
+#: Image prompt of the README and the retrieval evaluation; also used for the rendered captions of I2I retrieval.
 IMAGE_PROMPT = "<image>\nSummary above image in one word: "
-#: STS prompt of ``eval_sts.py``: a leading space, no trailing space.
+#: Prompt of the STS evaluation: a leading space, no trailing space.
 STS = " <sent>\nSummary above sentence in one word:"
-#: CIRR query (reference image + modification text), ``retrieval.py``; the typo "desribe" is evaluated as is.
+#: CIRR query (reference image + modification text) of the retrieval evaluation; the typo "desribe" is evaluated as is.
 CIRR_QUERY = '<image>Modify this image with "<sent>", desribe modified image in one word:'
-#: CIRR candidate (gallery) image prompt, ``retrieval.py``.
+#: CIRR candidate (gallery) image prompt of the retrieval evaluation.
 CIRR_CANDIDATE = "<image>\n Describe this image in one word:"
 #: FashionIQ query; ``{category}`` is dress or shirt (toptee is prompted as shirt). Typo "Desribe" kept.
-FASHIONIQ_QUERY = "<image> change the style of this {category} to <sent>\n Desribe this modified {category} in one word based on its style:"
+FASHIONIQ_QUERY = ("<image> change the style of this {category} to <sent>\n"
+                   " Desribe this modified {category} in one word based on its style:")
 #: FashionIQ candidate image prompt.
 FASHIONIQ_CANDIDATE = "<image>\n Describe this {category} in one word based on its style:"
 

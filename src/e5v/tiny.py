@@ -52,7 +52,7 @@ def _chat_template(turn: str, generation: str, image: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Style:
+class TokenizerStyle:
     """A tokenizer style: special tokens (in id order), which are BOS/EOS/pad, and the chat template."""
 
     specials: tuple
@@ -63,26 +63,26 @@ class _Style:
     unk: str | None = None
 
 
-_LLAMA3 = _Style(
+LLAMA3_STYLE = TokenizerStyle(
     ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>"),
     bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<pad>",
     chat_template=_chat_template("<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{content}<|eot_id|>",
                                  "<|start_header_id|>assistant<|end_header_id|>\n\n", "<image>\n"))
-_MISTRAL = _Style(  # like llava-v1.6-mistral: [INST] / [/INST] are plain text, not special tokens
+MISTRAL_STYLE = TokenizerStyle(  # like llava-v1.6-mistral: [INST] / [/INST] are plain text, not special tokens
     ("<unk>", "<s>", "</s>", "<pad>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
     chat_template=_chat_template("{% if m['role'] == 'user' %}[INST] {content} [/INST]"
                                  "{% else %} {content}{{ eos_token }}{% endif %}", "", "<image>\n"))
-_VICUNA = _Style(
+VICUNA_STYLE = TokenizerStyle(
     ("<unk>", "<s>", "</s>", "<pad>"), bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
     chat_template=_chat_template("{{ m['role'] | upper }}: {content} ", "ASSISTANT:", "<image>\n"))
-_QWEN = _Style(  # Qwen adds no BOS; unlike the real template, no default system message
+QWEN_STYLE = TokenizerStyle(  # Qwen adds no BOS; unlike the real template, no default system message
     ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
      "<|video_pad|>"), bos=None, eos="<|im_end|>", pad="<|endoftext|>",
     chat_template=_chat_template("<|im_start|>{{ m['role'] }}\n{content}<|im_end|>\n", "<|im_start|>assistant\n",
                                  "<|vision_start|><|image_pad|><|vision_end|>"))
 
 
-def _build_tokenizer(style: _Style, image_token: str | None = None, vocab_size: int = 500, corpus=None):
+def build_tokenizer(style: TokenizerStyle, image_token: str | None = None, vocab_size: int = 500, corpus=None):
     """Train a byte-level BPE on ``corpus`` (default: the fixed one) and wrap it as a left-padding fast tokenizer.
 
     ``image_token`` is added after training, so it is the last id (as in llava-hf checkpoints, where it sits
@@ -103,7 +103,8 @@ def _build_tokenizer(style: _Style, image_token: str | None = None, vocab_size: 
         extra["extra_special_tokens"] = {"image_token": image_token}
     if style.bos:  # BOS through the post-processor, EOS never (llama / llama3 / mistral behaviour)
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{style.bos} $A", pair=f"{style.bos} $A $B", special_tokens=[(style.bos, tok.token_to_id(style.bos))])
+            single=f"{style.bos} $A", pair=f"{style.bos} $A $B",
+            special_tokens=[(style.bos, tok.token_to_id(style.bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=style.bos, eos_token=style.eos,
                                    pad_token=style.pad, unk_token=style.unk, padding_side="left",
                                    chat_template=style.chat_template, **extra)
@@ -126,8 +127,8 @@ def _build_llava(family: str, out: pathlib.Path) -> None:
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     kind = {"llava-next-mistral": "mistral", "llava-next-vicuna": "vicuna", "llava-1.5": "vicuna"}.get(family, "llama3")
-    style = {"mistral": _MISTRAL, "vicuna": _VICUNA, "llama3": _LLAMA3}[kind]
-    tokenizer = _build_tokenizer(style, image_token="<image>")
+    style = {"mistral": MISTRAL_STYLE, "vicuna": VICUNA_STYLE, "llama3": LLAMA3_STYLE}[kind]
+    tokenizer = build_tokenizer(style, image_token="<image>")
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     e5v_like = family == "e5v-like"
     vision = CLIPVisionConfig(image_size=IMG, patch_size=PATCH, hidden_size=32, intermediate_size=64,
@@ -146,11 +147,11 @@ def _build_llava(family: str, out: pathlib.Path) -> None:
     else:
         config = LlavaNextConfig(image_grid_pinpoints=PINPOINTS, image_seq_length=(IMG // PATCH) ** 2, **common)
         model = LlavaNextForConditionalGeneration(config)
-        processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=PINPOINTS, **size),
-                                       **proc_kw)
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=PINPOINTS, **size)
+        processor = LlavaNextProcessor(image_processor=image_processor, **proc_kw)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    if e5v_like:  # E5-V issue #26: its processor config has no patch_size, so expanding <image> fails
+    if e5v_like:  # as in royokong/e5-v: no patch_size in the processor config, so expanding <image> fails
         path = out / "processor_config.json"
         cfg = json.loads(path.read_text())
         for key in ("patch_size", "vision_feature_select_strategy"):
@@ -164,8 +165,8 @@ def _build_qwen(family: str, out: pathlib.Path) -> None:
                               Qwen2VLForConditionalGeneration)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = _build_tokenizer(_QWEN)
-    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in _QWEN.specials}
+    tokenizer = build_tokenizer(QWEN_STYLE)
+    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in QWEN_STYLE.specials}
     head_dim = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
     text = dict(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"], **TEXT_DIMS,
@@ -194,7 +195,8 @@ def build_tiny_checkpoint(family: str, out_dir, *, seed: int = 0) -> pathlib.Pat
 
     Same seed, same bit-identical weights and tokenizer files. Families:
 
-    - ``llava-next-llama3`` / ``-mistral`` / ``-vicuna``: ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor``.
+    - ``llava-next-llama3`` / ``-mistral`` / ``-vicuna``: ``LlavaNextForConditionalGeneration`` +
+      ``LlavaNextProcessor``.
     - ``llava-1.5``: ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (PIL CLIP image processor).
     - ``qwen2-vl`` / ``qwen2.5-vl``: model + tokenizer + ``Qwen2VLImageProcessorPil``; no processor config,
       because ``Qwen2VLProcessor`` cannot be built without torchvision.
@@ -202,7 +204,7 @@ def build_tiny_checkpoint(family: str, out_dir, *, seed: int = 0) -> pathlib.Pat
       (1) the ``<image>`` id equals ``text_config.vocab_size`` (one past the embedding matrix);
       (2) ``config.image_token_index`` is a wrong, in-range id (``<image>`` id - 5), not ``<image>``;
       (3) ``processor_config.json`` lacks ``patch_size`` and ``vision_feature_select_strategy``, so a plain
-      ``LlavaNextProcessor.from_pretrained`` has ``patch_size=None`` (E5-V issue #26).
+      ``LlavaNextProcessor.from_pretrained`` has ``patch_size=None``.
     """
     import torch
     from transformers.utils import logging as hf_logging

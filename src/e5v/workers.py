@@ -2,10 +2,10 @@
 that runs the model, so that the accelerator never waits for the CPU.
 
 The workers are started by :func:`start_context` (forkserver or spawn: safe with CUDA and threads) and
-receive only what preprocessing needs: a :class:`~e5v.encoder.Preparer` holding the tokenizer, the image
-processor and the prompt settings, never the model. Results travel back as numpy arrays (plain pickles, no shared-memory file handles) and
-are turned into tensors again here. A worker that dies raises a clear :class:`~e5v.errors.E5VError`
-instead of hanging the caller.
+receive only what preprocessing needs: a :class:`~e5v.prepare.Preparer` holding the tokenizer, the image
+processor and the prompt settings, never the model. Results travel back as numpy arrays (plain pickles, no
+shared-memory file handles) and are turned into tensors again here. A worker that dies raises a clear
+:class:`~e5v.errors.E5VError` instead of hanging the caller.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _prepare_chunk(chunk: list[tuple[int, Any]], prompt: str, preparer=None) -> 
 
 
 #: Imported once by the fork server, so that forked workers start without importing them again.
-PRELOAD = ["e5v.encoder", "transformers.processing_utils", "transformers.image_processing_utils",
+PRELOAD = ["e5v.prepare", "transformers.processing_utils", "transformers.image_processing_utils",
            "transformers.tokenization_utils_tokenizers"]
 
 

@@ -2,9 +2,9 @@
 
 Fixes that the official E5-V code lacks on current transformers, done here at load time:
 - the processor's ``patch_size`` / ``vision_feature_select_strategy`` / CLS count may be missing from
-  ``processor_config.json`` (E5-V issue #26); they are taken from the model config;
+  ``processor_config.json`` (royokong/e5-v's lacks them); they are taken from the model config;
 - the ``<image>`` token id may differ from ``config.image_token_id`` and may equal the vocabulary size
-  (128256 in royokong/e5-v, one past the embedding matrix, E5-V issue #9): the config is pointed at the
+  (128256 in royokong/e5-v, one past the embedding matrix): the config is pointed at the
   tokenizer's id and the input embeddings get the missing row (its value is never used: image features
   replace it);
 - without torchvision, transformers falls back to the PIL image processors by itself.

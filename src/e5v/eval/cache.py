@@ -1,7 +1,9 @@
 """Embeddings of the evaluation sets, cached on disk in resumable parts.
 
-One folder per (dataset, side, fingerprint); the fingerprint holds the model, adapter, dtype, chat format,
-prompt, whether vectors are normalised, the part size and a hash of the inputs.  A second run with the same
+One folder per (dataset, side, fingerprint); the fingerprint holds the settings that change the vectors (for
+``e5v eval``: :meth:`e5v.config.EngineConfig.vector_settings`, the model and adapter with a fingerprint of their
+files, dtype, chat format, ...), the prompt, whether vectors are normalised, the part size and a hash of the
+inputs.  A second run with the same
 settings reads the parts back without loading the model; an interrupted run (Ctrl-C, kill -9) recomputes only
 the parts it had not finished (each part is written atomically by :class:`e5v.parts.PartStore`).
 """

@@ -11,7 +11,7 @@ of PIL images) or both (composed queries).  Texts take the E5-V text prompt, ima
 image + text the official CIRR query prompt (all from :mod:`e5v.prompts`; each can be overridden).  Vectors
 are L2-normalised and scored by cosine.  ``mteb`` is imported only by :attr:`E5VMTEB.mteb_model_meta`.
 
-Why MTEB/MIEB numbers are not comparable with the paper's (shared/reference/E5V.md §6-7):
+Why MTEB/MIEB numbers are not comparable with the paper's:
 
 - other galleries: MTEB's COCO (M-BEIR ``mscoco_task0``) has 24,809 de-duplicated captions, not the first 5
   captions of each of the 5,000 Karpathy test images; its CIRR and FashionIQ tasks (M-BEIR task 7) search
@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 
 from .. import prompts
-from ..encoder import E5V, Item
+from ..config import EngineConfig
+from ..encoder import E5V
+from ..items import Item
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +44,17 @@ class E5VMTEB:
     """mteb ``EncoderProtocol`` implementation over :class:`e5v.encoder.E5V`."""
 
     def __init__(self, model_name: str | E5V, revision: str | None = None, *, device: str | None = None,
-                 dtype: str | None = None, adapter: str | None = None, text_prompt: str = prompts.TEXT,
+                 dtype: str = "auto", adapter: str | None = None, text_prompt: str = prompts.TEXT,
                  image_prompt: str = prompts.IMAGE_PROMPT, composed_prompt: str = prompts.CIRR_QUERY,
                  chunk_size: int = 256, **engine_options: Any):
-        """``model_name``: hub id, local checkpoint directory or a loaded :class:`E5V`.  ``chunk_size``: items
+        """``model_name``: hub id, local checkpoint directory or a loaded :class:`E5V`; ``device``, ``dtype``,
+        ``adapter`` and ``engine_options`` are fields of :class:`~e5v.config.EngineConfig`.  ``chunk_size``: items
         gathered from the DataLoader before each call of the engine (which sorts them by length)."""
         if isinstance(model_name, E5V):
             self.model, self.name = model_name, getattr(model_name.backbone, "path", "") or "e5v"
         else:
-            self.model = E5V.from_pretrained(model_name, device=device, dtype=dtype, adapter=adapter,
-                                             revision=revision, **engine_options)
+            config = EngineConfig(model=model_name, revision=revision, device=device, dtype=dtype, adapter=adapter)
+            self.model = E5V.from_pretrained(config=config.replace(**engine_options))
             self.name = model_name
         self.revision = revision
         self.prompts = {"text": text_prompt, "image": image_prompt, "composed": composed_prompt}

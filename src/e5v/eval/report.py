@@ -1,5 +1,5 @@
 """Results as JSON and as a markdown table that sets each number beside the paper's (E5-V, arXiv 2407.12580
-v1, Tables 1-6; shared/reference/E5V.md §3.2)."""
+v1, Tables 1-6)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The paper's benchmarks with the official protocols (shared/reference/E5V.md §3), on the E5V engine.
+"""The paper's benchmarks with the official protocols, on the E5V engine.
 
 Every task reads its dataset (:mod:`e5v.eval.readers`), embeds each side through the cache
 (:mod:`e5v.eval.cache`) with the official prompt (:mod:`e5v.prompts`), and scores with :mod:`e5v.eval.metrics`.
@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .. import prompts
-from ..encoder import Item
+from ..items import Item
 from ..errors import ConfigError, E5VError
 from ..parts import atomic_write_bytes
 from . import metrics, readers, render

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..encoder import E5V, Item, Prepared, as_item
+from ..encoder import E5V
 from ..errors import InputError
+from ..items import Item, as_item
+from ..prepare import Prepared
 from .metrics import Metrics
-from .payload import RequestError
+from .errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,9 @@ _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @dataclass
-class Job:
+class PendingRequest:
+    """One request's items waiting for the model, and the future its handler awaits on ``loop``."""
+
     items: list[Item]
     prompt: str
     kind: str
@@ -44,24 +48,24 @@ class Job:
     future: asyncio.Future
 
 
-def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
+def _resolve(request: PendingRequest, result=None, error: BaseException | None = None) -> None:
     def finish():
-        if job.future.done():  # the client went away
+        if request.future.done():  # the client went away
             return
         if error is not None:
-            job.future.set_exception(error)
+            request.future.set_exception(error)
         else:
-            job.future.set_result(result)
+            request.future.set_result(result)
 
     try:
-        job.loop.call_soon_threadsafe(finish)
+        request.loop.call_soon_threadsafe(finish)
     except RuntimeError:  # the event loop is closed: nobody is waiting any more
         pass
 
 
-def _fail(jobs: list[Job], stage: str) -> None:
-    for job in jobs:
-        _resolve(job, error=RequestError(500, f"{stage} failed on this request; the server log has the details",
+def _fail(requests: list[PendingRequest], stage: str) -> None:
+    for request in requests:
+        _resolve(request, error=RequestError(500, f"{stage} failed on this request; the server log has the details",
                                          kind="server_error"))
 
 
@@ -72,7 +76,9 @@ def _subset(prep: Prepared, start: int, stop: int) -> Prepared:
                     [prep.feats[k] for k in keep], [(i - start, e) for i, e in prep.skipped if start <= i < stop])
 
 
-class Batcher:
+class RequestBatcher:
+    """The queue of :class:`PendingRequest` and the two threads (preparing, model) that answer them."""
+
     def __init__(self, model, *, metrics: Metrics | None = None, max_batch_items: int = 256,
                  max_queue_items: int = 4096, wait_ms: float = 2.0):
         self.model = model
@@ -80,7 +86,7 @@ class Batcher:
         self.max_batch_items = int(max_batch_items)
         self.max_queue_items = int(max_queue_items)
         self.wait = max(0.0, wait_ms) / 1000.0
-        self._queue: deque[Job] = deque()
+        self._queue: deque[PendingRequest] = deque()
         self._queued = 0  # items waiting
         self._cond = threading.Condition()
         self._stopping = False
@@ -112,19 +118,19 @@ class Batcher:
         """Vectors ``(n, d)`` and token counts ``(n,)`` of ``items``, in order; raises :class:`RequestError`
         (400) naming the first rejected item, or 503 when the queue is full or the server is stopping."""
         loop = asyncio.get_running_loop()
-        job = Job(list(items), prompt, kind, loop, loop.create_future())
+        request = PendingRequest(list(items), prompt, kind, loop, loop.create_future())
         with self._cond:
             if self._stopping or not self._threads:
                 raise RequestError(503, "the server is shutting down", kind="server_error")
             if self._queued and self._queued + len(items) > self.max_queue_items:
                 raise RequestError(503, f"server busy ({self._queued} items queued); retry later", kind="server_error")
-            self._queue.append(job)
+            self._queue.append(request)
             self._queued += len(items)
             self._cond.notify()
-        return await job.future
+        return await request.future
 
     # --- worker ----------------------------------------------------------------------------------------
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> list[PendingRequest] | None:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -136,23 +142,23 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            jobs, n = [], 0
-            while self._queue and (not jobs or n + len(self._queue[0].items) <= self.max_batch_items):
-                job = self._queue.popleft()
-                jobs.append(job)
-                n += len(job.items)
+            requests, n = [], 0
+            while self._queue and (not requests or n + len(self._queue[0].items) <= self.max_batch_items):
+                request = self._queue.popleft()
+                requests.append(request)
+                n += len(request.items)
             self._queued -= n
-            return jobs
+            return requests
 
     def _prepare_loop(self) -> None:
         try:
             while True:
                 self._ready.join()  # one group ahead of the model, no more: what arrives meanwhile is merged
-                if (jobs := self._take()) is None:
+                if (requests := self._take()) is None:
                     break
-                groups: dict[str, list[Job]] = {}
-                for job in jobs:
-                    groups.setdefault(job.prompt, []).append(job)
+                groups: dict[str, list[PendingRequest]] = {}
+                for request in requests:
+                    groups.setdefault(request.prompt, []).append(request)
                 for prompt, group in groups.items():
                     self._ready.put((group, self._prepare(prompt, group)))  # waits while the model is busy
         finally:
@@ -160,16 +166,17 @@ class Batcher:
             with self._cond:  # stopping: nobody will run what is left
                 left, self._queue = list(self._queue), deque()
                 self._queued = 0
-            for job in left:
-                _resolve(job, error=RequestError(503, "the server is shutting down", kind="server_error"))
+            for request in left:
+                _resolve(request, error=RequestError(503, "the server is shutting down", kind="server_error"))
 
-    def _prepare(self, prompt: str, jobs: list[Job]) -> Prepared:
+    def _prepare(self, prompt: str, requests: list[PendingRequest]) -> Prepared:
         """The group's items through the engine's preprocessing; never raises.
 
         This and :meth:`_run_group` are the engine's two steps for one window (``E5V.prepare_window`` and
         ``E5V.run_prepared``, so that the vectors are exactly the engine's), run on two threads."""
         model: E5V = self.model
-        window = [(i, as_item(it, i, prompt)) for i, it in enumerate(it for job in jobs for it in job.items)]
+        items = (it for request in requests for it in request.items)
+        window = [(i, as_item(it, i, prompt)) for i, it in enumerate(items)]
         try:
             return model.prepare_window(window, prompt)
         except _FATAL:
@@ -201,33 +208,33 @@ class Batcher:
                 return
             self._run_group(*ready)
 
-    def _run_group(self, jobs: list[Job], prep: Prepared) -> None:
-        items = sum(len(job.items) for job in jobs)
+    def _run_group(self, requests: list[PendingRequest], prep: Prepared) -> None:
+        items = sum(len(request.items) for request in requests)
         self.metrics.observe_batch(items)
         try:
             res = self.model.run_prepared(prep)
         except _FATAL:
             raise
         except BaseException:  # a model failure fails these requests, never the worker
-            log.exception("model call failed for %d items of %d request(s)", items, len(jobs))
-            if len(jobs) == 1:
-                return _fail(jobs, "the model")
+            log.exception("model call failed for %d items of %d request(s)", items, len(requests))
+            if len(requests) == 1:
+                return _fail(requests, "the model")
             start = 0
-            for job in jobs:  # each request alone: only the one the model fails on gets the 500
-                self._run_group([job], _subset(prep, start, start + len(job.items)))
-                start += len(job.items)
+            for request in requests:  # each request alone: only the one the model fails on gets the 500
+                self._run_group([request], _subset(prep, start, start + len(request.items)))
+                start += len(request.items)
             return
         row = np.full(items, -1, dtype=np.int64)
         row[res.indices] = np.arange(len(res.indices))
         bad = dict(res.skipped)
         start = 0
-        for job in jobs:
-            stop = start + len(job.items)
+        for request in requests:
+            stop = start + len(request.items)
             errors = [bad[i] for i in range(start, stop) if i in bad]
             if errors:
-                _resolve(job, error=RequestError.from_input(errors[0]))
+                _resolve(request, error=RequestError.from_input(errors[0]))
             else:
                 rows = row[start:stop]
-                self.metrics.add_items(job.kind, len(rows))
-                _resolve(job, (res.vectors[rows], res.tokens[rows]))
+                self.metrics.add_items(request.kind, len(rows))
+                _resolve(request, (res.vectors[rows], res.tokens[rows]))
             start = stop

@@ -23,7 +23,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import E5VError
-from .payload import RequestError
+from .errors import RequestError
 
 log = logging.getLogger(__name__)
 

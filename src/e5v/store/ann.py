@@ -12,54 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, IndexDamagedError
+from ..errors import ConfigError
 from ..parts import atomic_save
 from .index import Index
-from .layout import digest, read_manifest, write_manifest
+from .layout import digest, import_faiss, read_index_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
+#: the HNSW's vector codes: a storage format, named ``dtype`` in the manifest's "ann" entry (``--ann-dtype``)
 ANN_DTYPES = ("int8", "float16", "float32")
 #: vectors used to train the scalar quantiser's per-dimension ranges
 TRAIN_SAMPLE = 65536
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:
-        raise ConfigError("the approximate index needs faiss: pip install faiss-cpu (or faiss-gpu)") from exc
-    return faiss
-
-
-ANN_HINT = "search with --exact, or rebuild it with `e5v index repair`"
-
-
-def read_ann(path: Path):
-    try:
-        return _faiss().read_index(str(path))
-    except RuntimeError as exc:  # faiss reports a damaged file this way
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise IndexDamagedError(f"{path}: not a readable approximate index ({reason}); {ANN_HINT}") from None
-
-
-def open_ann(folder: Path, info: dict, dim: int):
-    """The approximate index that the manifest's ``info`` describes, checked against it (present, checksum when
-    recorded, readable, vector count and dim); an :class:`e5v.errors.IndexDamagedError` names what is wrong."""
-    path = folder / info["file"]
-    if not path.exists():
-        raise IndexDamagedError(f"{path}: the approximate index is missing; {ANN_HINT}")
-    if "sha256" in info and digest(path) != info["sha256"]:
-        raise IndexDamagedError(f"{path}: the approximate index does not match its checksum; {ANN_HINT}")
-    ann = read_ann(path)
-    if ann.ntotal != info["count"] or ann.d != dim:
-        raise IndexDamagedError(f"{path}: the approximate index holds {ann.ntotal} vectors of dim {ann.d}, the "
-                                f"manifest says {info['count']} of dim {dim}; {ANN_HINT}")
-    return ann
-
-
 def _new_hnsw(dim: int, dtype: str, m: int, ef_construction: int):
-    faiss = _faiss()
+    faiss = import_faiss()
     if dtype == "float32":
         ann = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -105,6 +72,9 @@ def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int 
         raise ConfigError(f"{folder} has an unfinished build or add; rerun it before building the approximate index")
     if index.count == 0:
         raise ConfigError(f"{folder} holds no vectors")
+    if index.manifest.get("codes"):
+        raise ConfigError(f"{folder} is searched through its {index.manifest['codes']['precision']} search codes; an "
+                          "approximate index is not built on top of them (build one over an index without codes)")
     if update and old:  # its own options; a stale one (partitions were rewritten since) is built again
         dtype, m, ef_construction, ef_search = old["dtype"], old["m"], old["ef_construction"], old["ef_search"]
         update = not old.get("stale")
@@ -130,9 +100,9 @@ def build_ann(folder, *, dtype: str = "int8", m: int = 32, ef_construction: int 
     recall, nq = recall_at_10(index, queries)
     info.update({"recall_at_10": round(recall, 4), "recall_queries": nq,
                  "recall_query_source": "given queries" if queries is not None else "sample of indexed vectors"})
-    atomic_save(folder / info["file"], lambda tmp: _faiss().write_index(ann, tmp))
+    atomic_save(folder / info["file"], lambda tmp: import_faiss().write_index(ann, tmp))
     info["sha256"] = digest(folder / info["file"])
-    manifest = read_manifest(folder)
+    manifest = read_index_manifest(folder)
     manifest["ann"] = info
     write_manifest(folder, manifest)
     if old and old["file"] != info["file"]:

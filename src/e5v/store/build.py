@@ -28,20 +28,26 @@ import numpy as np
 
 from ..errors import ConfigError, E5VError, IndexDamagedError
 from ..parts import atomic_save, atomic_write_bytes
+from .ann import build_ann
+from .codes import update_codes
 from .index import REPAIR_HINT
-from .layout import DTYPES, FORMAT, VERSION, done_path, file_facts, part_file, part_name, read_manifest, read_rows
-from .layout import partition_problems, revision
+from .layout import FORMAT, PRECISIONS, VERSION, done_path, file_facts, part_file, part_name, read_index_manifest
+from .layout import partition_problems, read_rows, revision
 from .layout import rows_path, vectors_path, write_jsonl, write_manifest
 from .sources import Entry, row_changed, row_origin, same_item
 
 log = logging.getLogger(__name__)
 
-#: manifest fields that every job on an index must share (the vectors must live in one space)
-SETTINGS = ("model", "adapter", "chat_format", "max_length", "anyres_max_tiles", "prompt", "dtype")
+#: manifest fields that every job on an index must share (the vectors must live in one space): the engine's
+#: :meth:`~e5v.config.EngineConfig.vector_settings`, the prompts, and the storage precision
+SETTINGS = ("model", "adapter", "weights", "dtype", "chat_format", "max_length", "anyres_max_tiles", "alpha",
+            "prompt", "precision")
+#: the SETTINGS that indexes written before them do not record: compared only where recorded
+RECORDED_SINCE_V2 = ("weights", "dtype", "alpha")
 
 
 @dataclass
-class Job:
+class IndexJob:
     kind: str  # "build" or "add"
     source: str
     inputs: str  # fingerprint of the source's items
@@ -78,6 +84,9 @@ class Summary:
     updated: int = 0  # changed items re-embedded (add --update)
     seconds: float = 0.0
     finished_before: bool = False  # the same build was already complete: nothing to do
+    ann: dict | None = None  # the approximate index's manifest entry when this job built or extended it
+    codes: dict | None = None  # the search codes' manifest entry after this job (None: the index has none)
+    rank: int = 0  # this process's rank among torchrun's (rank 0 reports)
 
 
 class Ranks:
@@ -140,7 +149,7 @@ def new_manifest(settings: dict, root: str | None = None) -> dict:
     to it)."""
     return {"format": FORMAT, "version": VERSION, **{k: settings.get(k) for k in SETTINGS}, "dim": None, "count": 0,
             "counts": {"image": 0, "text": 0}, "skipped": 0, "partitions": [], "sources": [], "job": None,
-            "ann": None, "root": root}
+            "ann": None, "codes": None, "root": root}
 
 
 def index_root(manifest: dict) -> str | None:
@@ -153,7 +162,8 @@ def index_root(manifest: dict) -> str | None:
 
 
 def check_settings(folder: Path, manifest: dict, settings: dict) -> None:
-    diff = [k for k in SETTINGS if manifest.get(k) != settings.get(k)]
+    """Refuse ``settings`` that would make vectors of another space than the index's."""
+    diff = [k for k in SETTINGS if (k in manifest or k not in RECORDED_SINCE_V2) and manifest.get(k) != settings.get(k)]
     if diff:
         detail = "; ".join(f"{k}: index has {manifest.get(k)!r}, asked {settings.get(k)!r}" for k in diff)
         raise ConfigError(f"{folder} was built with other settings ({detail}); vectors of one index must come "
@@ -198,7 +208,7 @@ def plan(folder: Path, entries: list[Entry], settings: dict, *, add: bool, part_
     of the source the index already holds, and which of those changed (see :func:`classify`)."""
     if part_size < 1:
         raise ConfigError(f"--part-size must be at least 1, not {part_size}")
-    manifest = read_manifest(folder)
+    manifest = read_index_manifest(folder)
     inputs = fingerprint(entries)
     kind = "add" if add else "build"
     if manifest is None:
@@ -224,10 +234,10 @@ def plan(folder: Path, entries: list[Entry], settings: dict, *, add: bool, part_
     known, changed = 0, []
     if add:
         known, changed, entries = classify(folder, manifest, entries, first, source)
-    return manifest, Job(kind, source, inputs, first, part_size, entries), known, changed
+    return manifest, IndexJob(kind, source, inputs, first, part_size, entries), known, changed
 
 
-def part_done(folder: Path, job: Job, j: int) -> dict | None:
+def part_done(folder: Path, job: IndexJob, j: int) -> dict | None:
     """The done marker of the job's partition ``j`` when that partition is finished."""
     path = done_path(folder, part_name(job.first + j))
     if not path.exists():
@@ -283,19 +293,19 @@ def embed_part(model, entries: list[Entry], prompt: dict):
     return mat, [entries[i].row() for i in order], reasons
 
 
-def write_part(folder: Path, job: Job, j: int, vectors: np.ndarray, rows: list[dict], skipped: list[dict],
-               dtype: str) -> None:
+def write_part(folder: Path, job: IndexJob, j: int, vectors: np.ndarray, rows: list[dict], skipped: list[dict],
+               precision: str) -> None:
     """Vectors, rows, then the done marker: a partition without its marker is redone."""
     name = part_name(job.first + j)
-    facts = write_files(folder, name, vectors, rows, dtype)
+    facts = write_files(folder, name, vectors, rows, precision)
     marker = {"job": job.id, "count": len(rows), "items": len(job.part(j)), "counts": kind_counts(rows),
               "skipped": skipped, "ids": [e.id for e in job.part(j)], **facts}
     atomic_write_bytes(done_path(folder, name), json.dumps(marker).encode())
 
 
-def write_files(folder: Path, stem: str, vectors: np.ndarray, rows: list[dict], dtype: str) -> dict:
+def write_files(folder: Path, stem: str, vectors: np.ndarray, rows: list[dict], precision: str) -> dict:
     """A partition's vectors and rows files (each atomically); their sizes and checksums."""
-    stored = np.ascontiguousarray(vectors, dtype=DTYPES[dtype])
+    stored = np.ascontiguousarray(vectors, dtype=PRECISIONS[precision])
     atomic_save(vectors_path(folder, stem), lambda tmp: np.save(tmp, stored))
     write_jsonl(rows_path(folder, stem), rows)
     return file_facts(folder, stem)
@@ -305,7 +315,7 @@ def kind_counts(rows: list[dict]) -> dict:
     return {"image": sum(r["kind"] == "image" for r in rows), "text": sum(r["kind"] == "text" for r in rows)}
 
 
-def commit(folder: Path, manifest: dict, job: Job) -> dict:
+def commit(folder: Path, manifest: dict, job: IndexJob) -> dict:
     """List the job's finished partitions that follow the committed ones, in order; close the job when all are."""
     changed = manifest.get("job") is None and job.nparts > 0 and len(manifest["partitions"]) == job.first
     if changed:
@@ -358,7 +368,7 @@ def read_marker(folder: Path, name: str) -> dict | None:
     return marker if isinstance(marker, dict) and isinstance(marker.get("skipped"), list) else None
 
 
-def job_skipped(folder: Path, job: Job) -> list[dict]:
+def job_skipped(folder: Path, job: IndexJob) -> list[dict]:
     return [s for j in range(job.nparts) for s in (part_done(folder, job, j) or {"skipped": []})["skipped"]]
 
 
@@ -380,7 +390,7 @@ def run_job(folder, entries: list[Entry], settings: dict, *, add: bool, part_siz
     manifest, job, known, changed = plan(folder, entries, settings, add=add, part_size=part_size, source=source,
                                          root=root)
     if job is None:
-        return Summary(manifest, items=len(entries), known=known, finished_before=True)
+        return Summary(manifest, items=len(entries), known=known, finished_before=True, rank=ranks.rank)
     todo = [j for j in range(job.nparts) if part_done(folder, job, j) is None]
     ranks.barrier()  # every rank has read the folder before rank 0 changes it
     if ranks.rank == 0:
@@ -388,7 +398,7 @@ def run_job(folder, entries: list[Entry], settings: dict, *, add: bool, part_siz
         manifest = commit(folder, manifest, job)  # records the job (and closes an empty one)
     mine = todo[ranks.rank::ranks.world]
     summary = Summary(manifest, items=len(job.entries), known=known, resumed_parts=job.nparts - len(todo),
-                      changed=changed)
+                      changed=changed, rank=ranks.rank)
     with contextlib.ExitStack() as stack:
         model = None
         if mine:
@@ -398,7 +408,7 @@ def run_job(folder, entries: list[Entry], settings: dict, *, add: bool, part_siz
                                                    progress and ranks.rank == 0))
             for j in mine:
                 vectors, rows, skipped = embed_part(model, job.part(j), settings["prompt"])
-                write_part(folder, job, j, vectors, rows, skipped, settings["dtype"])
+                write_part(folder, job, j, vectors, rows, skipped, settings["precision"])
                 summary.embedded += len(rows)
                 bar.update(len(job.part(j)))
                 if ranks.rank == 0:
@@ -455,10 +465,11 @@ def update_items(folder: Path, manifest: dict, changed: list, model, prompt: dic
             updated += len(new_rows)
             bar.update(len(items))
     if manifest.get("ann"):
-        from .ann import build_ann
-
         build_ann(folder, update=True)
-        manifest = read_manifest(folder)
+        manifest = read_index_manifest(folder)
+    if manifest.get("codes"):
+        update_codes(folder)
+        manifest = read_index_manifest(folder)
     return manifest, skipped_all, updated
 
 
@@ -469,7 +480,7 @@ def rewrite_partition(folder: Path, manifest: dict, i: int, vectors: np.ndarray,
     may no longer hold), then the old files go. A kill at any point leaves the old partition or the new one."""
     p = manifest["partitions"][i]
     stem = f"{p['name']}.r{revision(p) + 1}"
-    facts = write_files(folder, stem, vectors, rows, manifest["dtype"])
+    facts = write_files(folder, stem, vectors, rows, manifest["precision"])
     marker = read_marker(folder, p["name"]) or {"job": None, "items": len(rows), "ids": [r["id"] for r in rows],
                                                  "skipped": []}
     failed = {s["id"] for s in skipped}

@@ -1,5 +1,6 @@
-"""Reading an index folder and searching it: exact inner product over memory-mapped partitions by default, the
-approximate (HNSW) index when one was built, with its candidates re-scored exactly.
+"""Reading an index folder and searching it: exact inner product over memory-mapped partitions by default; the
+index's search codes when it has some (int8 or binary, maybe PCA-reduced: see :mod:`e5v.store.codes`), or the
+approximate (HNSW) index when one was built, their candidates re-scored exactly with the stored vectors.
 
 Damage never gives a wrong answer: opening checks every partition's shape, dtype and sizes against the manifest,
 and a partition's files are checked against their recorded checksums when they are first read (the approximate
@@ -15,16 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, IndexDamagedError
-from .layout import MANIFEST, check_vectors, part_file, partition_problems, read_manifest, read_rows
-from .layout import read_tar_member, vectors_path
+from ..vectors import default_candidates, gather, make_codec, merge_topk, scan
+from ..vectors.retrieval import Parts, rescore
+from .codes import CODES_HINT, codes_file, load_transform, valid_parts
+from .layout import MANIFEST, check_vectors, digest, open_ann, part_file, partition_problems, read_index_manifest
+from .layout import read_rows, read_tar_member, vectors_path
 
 REPAIR_HINT = "`e5v index verify` lists all damage, `e5v index repair` re-embeds damaged partitions"
 
 log = logging.getLogger(__name__)
-
-#: rows scored per matrix product in exact search (bounds the memory of one step to CHUNK x queries floats)
-CHUNK = 65536
-
 
 @dataclass
 class Hit:
@@ -50,19 +50,12 @@ def row_meta(row: dict) -> dict:
     return meta
 
 
-def _merge(s1, p1, s2, p2, k):
-    """Best ``k`` per row of two candidate sets: higher score first, lower position on ties."""
-    s, p = np.concatenate([s1, s2], axis=1), np.concatenate([p1, p2], axis=1)
-    order = np.lexsort((p, -s), axis=1)[:, :k]
-    return np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
-
-
 class Index:
     """A built index folder (see :mod:`e5v.store.layout`). Safe to search from several threads."""
 
     def __init__(self, path):
         self.path = Path(path).resolve()
-        manifest = read_manifest(self.path)
+        manifest = read_index_manifest(self.path)
         if manifest is None:
             raise ConfigError(f"{path}: not an e5v index (no {MANIFEST}); build one with `e5v index build`")
         self.manifest = manifest
@@ -74,6 +67,10 @@ class Index:
         self.offsets = np.concatenate([[0], np.cumsum([p["count"] for p in manifest["partitions"]])]).astype(np.int64)
         self._lock = threading.Lock()
         self._vectors: dict[int, np.ndarray] = {}
+        self._codes: dict[int, np.ndarray] = {}
+        self._transform = None
+        #: the stored vectors of every partition, each opened (and checked) when first read
+        self.stored = Parts([p["count"] for p in manifest["partitions"]], self.vectors)
         self._rows: dict[int, list[dict]] = {}
         self._positions: dict[str, int] | None = None
         self._ann = None
@@ -89,12 +86,36 @@ class Index:
 
     @property
     def info(self) -> dict:
+        """What the index holds and how it was made: ``precision`` is the storage precision of its vectors,
+        ``dtype`` the compute dtype of the model that made them (None for an index written before it was
+        recorded)."""
         m = self.manifest
-        return {"path": str(self.path), "model": m["model"], "adapter": m.get("adapter"),
+        return {"path": str(self.path), "model": m["model"], "adapter": m.get("adapter"), "dtype": m.get("dtype"),
                 "chat_format": m.get("chat_format"), "max_length": m.get("max_length"), "prompt": dict(m["prompt"]),
-                "dim": m.get("dim"), "dtype": m["dtype"], "count": self.count, "counts": dict(m["counts"]),
+                "dim": m.get("dim"), "precision": m["precision"], "count": self.count, "counts": dict(m["counts"]),
                 "skipped": m.get("skipped", 0), "partitions": len(self.parts), "ann": m.get("ann"),
-                "pending": m.get("job") is not None}
+                "codes": self.codes_info(), "search": self.search_mode(), "pending": m.get("job") is not None}
+
+    def codes_info(self) -> dict | None:
+        """The search codes: precision, dims (None: full width), width of the codes, bytes per vector scanned,
+        rows coded (the others are scanned in their stored form until encoded), kept variance of the PCA."""
+        c = self.manifest.get("codes")
+        if not c:
+            return None
+        coded = sum(r["count"] for r, ok in zip(c["parts"], valid_parts(self.manifest)) if ok)
+        return {"precision": c["precision"], "dims": c.get("dims"), "width": c.get("width"),
+                "bytes_per_vector": make_codec(c["precision"], c.get("width") or self.dim or 1).bytes_per_vector,
+                "coded": coded, "kept_variance": c.get("kept_variance")}
+
+    def search_mode(self, exact: bool = False) -> str:
+        """How :meth:`search` finds the top items: "exact", "codes" (search codes, then exact re-scoring) or
+        "hnsw"."""
+        if exact:
+            return "exact"
+        if self.manifest.get("codes"):
+            return "codes"
+        ann = self.manifest.get("ann")
+        return "hnsw" if ann and not ann.get("stale") else "exact"
 
     def __len__(self) -> int:
         return self.count
@@ -112,6 +133,27 @@ class Index:
                     raise IndexDamagedError(f"{path}: cannot read it ({exc.strerror or exc}); if the index was "
                                             "repaired or updated since it was opened, open it again") from None
             return self._vectors[i]
+
+    def codes(self, i: int) -> np.ndarray:
+        """Partition ``i``'s search codes, memory-mapped; read once on first use to check their checksum."""
+        with self._lock:
+            if i not in self._codes:
+                record = self.manifest["codes"]["parts"][i]
+                path = codes_file(self.path, record)
+                try:
+                    if digest(path) != record["sha256"]:
+                        raise IndexDamagedError(f"{path}: the search codes do not match their checksum; {CODES_HINT}")
+                    self._codes[i] = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as exc:
+                    raise IndexDamagedError(f"{path}: cannot read the search codes ({exc}); {CODES_HINT}") from None
+                self.transform()[0].check_codes(self._codes[i], str(path))
+            return self._codes[i]
+
+    def transform(self):
+        """The search codes' (codec, PCA or None)."""
+        if self._transform is None:
+            self._transform = load_transform(self.path, self.manifest["codes"])
+        return self._transform
 
     def rows(self, i: int) -> list[dict]:
         with self._lock:
@@ -138,13 +180,7 @@ class Index:
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         """float32 vectors at global row numbers ``positions`` (any shape; result has one more axis, dim)."""
-        flat = np.asarray(positions, dtype=np.int64).ravel()
-        out = np.zeros((flat.size, self.dim or 0), dtype=np.float32)
-        part = np.searchsorted(self.offsets, flat, side="right") - 1
-        for i in np.unique(part):
-            sel = np.flatnonzero(part == i)
-            out[sel] = self.vectors(int(i))[flat[sel] - self.offsets[i]]
-        return out.reshape(*np.shape(positions), -1)
+        return gather(self.stored, positions)
 
     def path_of(self, id: str) -> str | None:
         """The image file of item ``id`` (for thumbnails); None for texts, tar members and unknown ids."""
@@ -165,7 +201,8 @@ class Index:
     # --- search ------------------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, exact: bool = False) -> list[list[Hit]]:
         """Top ``k`` items by inner product for each row of ``queries`` ((q, dim) float32; unit vectors give
-        cosine similarity), best first. Uses the approximate index when one exists, unless ``exact``."""
+        cosine similarity), best first. Uses the search codes or the approximate index when the index has them,
+        unless ``exact`` (see :meth:`search_mode`); scores are always exact."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -179,26 +216,41 @@ class Index:
         k = min(int(k), self.count)
         if k == 0:
             return [[] for _ in range(len(q))]
-        ann = None if exact else self.ann()
-        scores, pos = self._exact(q, k, 0) if ann is None else self._approx(q, k, ann)
+        mode = self.search_mode(exact)
+        if mode == "codes":
+            scores, pos = self._coded(q, k)
+        elif mode == "hnsw":
+            scores, pos = self._approx(q, k, self.ann())
+        else:
+            scores, pos = self._exact(q, k, 0)
         return [[Hit(id=(r := self.row(int(p)))["id"], score=float(s), meta=row_meta(r)) for p, s in zip(prow, srow)]
                 for prow, srow in zip(pos, scores)]
 
     def _exact(self, q: np.ndarray, k: int, start: int):
         """Exact top-k over the rows from ``start`` on."""
-        best_s = np.zeros((len(q), 0), dtype=np.float32)
-        best_p = np.zeros((len(q), 0), dtype=np.int64)
-        for i in range(len(self.parts)):
-            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-            if hi <= start or hi == lo:
-                continue
-            vecs = self.vectors(i)
-            for a in range(max(start - lo, 0), hi - lo, CHUNK):
-                scores = q @ np.asarray(vecs[a:a + CHUNK], dtype=np.float32).T
-                kk = min(k, scores.shape[1])
-                top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-                best_s, best_p = _merge(best_s, best_p, np.take_along_axis(scores, top, 1), top + lo + a, k)
-        return best_s, best_p
+        return scan(q, self.stored, make_codec(self.manifest["precision"], self.dim), k, start=start)
+
+    def _coded(self, q: np.ndarray, k: int):
+        """The top candidates by the search codes (partitions without current codes: by their stored vectors),
+        re-scored exactly with the stored vectors."""
+        codec, pca = self.transform()
+        valid = valid_parts(self.manifest)
+        kk = min(default_candidates(k), self.count)
+        coded = [i for i, ok in enumerate(valid) if ok]
+        plain = [i for i, ok in enumerate(valid) if not ok]
+        found = [self._candidates(pca.apply(q) if pca is not None else q, coded, codec, self.codes, kk),
+                 self._candidates(q, plain, make_codec(self.manifest["precision"], self.dim), self.vectors, kk)]
+        return rescore(q, np.concatenate(found, axis=1), self.stored, k)
+
+    def _candidates(self, queries: np.ndarray, which: list[int], codec, open_part, kk: int) -> np.ndarray:
+        """Global row numbers of the top ``kk`` by ``codec`` over partitions ``which`` (``open_part(i)``: their
+        arrays); (q, 0) when there are none."""
+        if not which:
+            return np.zeros((len(queries), 0), np.int64)
+        parts = Parts([self.manifest["partitions"][i]["count"] for i in which], lambda j: open_part(which[j]))
+        _, local = scan(queries, parts, codec, kk)
+        part = np.searchsorted(parts.offsets, local, side="right") - 1
+        return self.offsets[np.asarray(which)[part]] + local - parts.offsets[part]
 
     def _approx(self, q: np.ndarray, k: int, ann):
         """HNSW candidates over the rows it covers, re-scored exactly; the rows added since, searched exactly."""
@@ -214,7 +266,7 @@ class Index:
         order = np.lexsort((cand, -scores), axis=1)[:, :k]
         best_s, best_p = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
         if covered < self.count:
-            best_s, best_p = _merge(best_s, best_p, *self._exact(q, k, covered), k)
+            best_s, best_p = merge_topk(best_s, best_p, *self._exact(q, k, covered), k)
         keep = best_p >= 0
         if not keep.all():  # HNSW found fewer than k: should not happen on a connected graph
             log.warning("approximate search returned fewer than %d candidates", k)
@@ -228,8 +280,6 @@ class Index:
             return None
         with self._lock:
             if self._ann is None:
-                from .ann import open_ann
-
                 self._ann = open_ann(self.path, info, self.dim)
             return self._ann
 

@@ -2,8 +2,10 @@
 
 ::
 
-    DIR/manifest.json            model, adapter, prompts, dim, dtype, root, committed partitions (count, byte sizes,
-                                 sha256 of both files), counts, ann, pending job
+    DIR/manifest.json            the settings that made the vectors (model, adapter, weights, compute dtype, chat
+                                 format, max length, tiles, alpha, prompts), their storage precision, dim, root,
+                                 committed partitions (count, byte sizes, sha256 of both files), counts, ann,
+                                 pending job
     DIR/part-000000.npy          the partition's vectors, (n, dim), float32 or float16, memory-mappable
     DIR/part-000000.rows.jsonl   one row per vector: {"id", "kind", "image" (+ "stat": size, mtime) | "text"
                                  (+ "source": the file it came from) | "tar", "meta"}
@@ -11,6 +13,8 @@
                                  again from the source), its files' sizes and checksums, its skipped items
     DIR/skipped.jsonl            every skipped item with its reason
     DIR/ann-hnsw-int8.faiss      optional approximate index over the first ``ann.count`` vectors
+    DIR/codes/                   optional search codes (int8 or binary, maybe PCA-reduced): see
+                                 :mod:`e5v.store.codes`
 
 A partition is finished when its ``done.json`` exists and names the running job; it is part of the index once the
 manifest lists it.  The manifest is the commit point and is replaced atomically, so a reader never sees half a
@@ -22,6 +26,10 @@ Every open checks the cheap facts (types, the ``.npy`` header's shape and dtype,
 checksums are checked when its files are first read, and all of them by ``e5v index verify``.  Indexes written
 before checksums were recorded have none until ``e5v index verify --write``: their shapes, sizes and row counts
 are still checked.
+
+Format version 1 called the storage precision ``dtype`` and recorded no compute settings beyond the model's
+options; :func:`read_index_manifest` reads it as version 2 (``precision``), and the compute settings it lacks are
+not compared when an index is extended.
 """
 from __future__ import annotations
 
@@ -37,8 +45,12 @@ from ..parts import atomic_write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "e5v-index"
-VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16}
+VERSION = 2
+#: storage precisions of the vectors
+PRECISIONS = {"float32": np.float32, "float16": np.float16}
+#: precisions of the search codes (see :mod:`e5v.store.codes`)
+CODE_PRECISIONS = ("float32", "float16", "int8", "binary")
+ANN_HINT = "search with --exact, or rebuild it with `e5v index repair`"
 
 
 def part_name(k: int) -> str:
@@ -82,8 +94,8 @@ def file_facts(folder: Path, stem: str) -> dict:
             "sha256": {k: digest(p) for k, p in paths.items()}}
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest of ``folder`` (its fields checked), or None when there is none."""
+def read_index_manifest(folder: Path) -> dict | None:
+    """The manifest of ``folder`` (its fields checked; version 1 read as version 2), or None when there is none."""
     path = Path(folder) / MANIFEST
     if not path.exists():
         return None
@@ -93,9 +105,12 @@ def read_manifest(folder: Path) -> dict | None:
         raise IndexDamagedError(f"{path}: unreadable index manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{path}: not an e5v index manifest")
+    if manifest.get("version") == 1:  # its ``dtype`` was the storage precision
+        manifest["precision"] = manifest.pop("dtype", None)
+        manifest["version"] = VERSION
     if manifest.get("version") != VERSION:
         raise ConfigError(f"{path}: index format version {manifest.get('version')} is not supported "
-                          f"(this e5v reads version {VERSION})")
+                          f"(this e5v reads versions 1 and {VERSION})")
     problem = manifest_problem(manifest)
     if problem:
         raise IndexDamagedError(f"{path}: damaged manifest: {problem}")
@@ -118,8 +133,8 @@ def manifest_problem(m: dict) -> str | None:
     """What is wrong with the fields of a manifest, or None (types and sums; files are not looked at)."""
     if not isinstance(m.get("model"), str) or not isinstance(m.get("prompt"), dict):
         return "model or prompt missing"
-    if m.get("dtype") not in DTYPES:
-        return f"dtype {m.get('dtype')!r} is not one of {', '.join(DTYPES)}"
+    if m.get("precision") not in PRECISIONS:
+        return f"precision {m.get('precision')!r} is not one of {', '.join(PRECISIONS)}"
     parts = m.get("partitions")
     if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
         return "partitions is not a list of records"
@@ -149,6 +164,15 @@ def manifest_problem(m: dict) -> str | None:
                                 and re.fullmatch(r"ann-[\w.-]+\.faiss", ann["file"])
                                 and _int(ann.get("count")) and ann["count"] <= m["count"]):
         return "ann entry malformed"
+    codes = m.get("codes")
+    if codes is not None and not (isinstance(codes, dict) and codes.get("precision") in CODE_PRECISIONS
+                                  and (codes.get("dims") is None or _int(codes["dims"], 1))
+                                  and isinstance(codes.get("parts"), list)
+                                  and all(isinstance(r, dict) and isinstance(r.get("source"), str)
+                                          and re.fullmatch(r"part-\d{6}(\.r\d+)?", r["source"])
+                                          and _int(r.get("count")) and isinstance(r.get("sha256"), str)
+                                          for r in codes["parts"])):
+        return "codes entry malformed"
     if m.get("job") is not None and not isinstance(m["job"], dict):
         return "job is not a record"
     if not isinstance(m.get("sources", []), list):
@@ -234,11 +258,12 @@ def partition_problems(folder: Path, manifest: dict, i: int, *, checksums: bool 
     except (OSError, ValueError, EOFError) as exc:
         problems.append(f"{vpath.name} is not a readable .npy file ({exc})")
     else:
-        size, want = vpath.stat().st_size, offset + count * dim * np.dtype(DTYPES[manifest["dtype"]]).itemsize
+        stored = np.dtype(PRECISIONS[manifest["precision"]])
+        size, want = vpath.stat().st_size, offset + count * dim * stored.itemsize
         if shape != (count, dim):
             problems.append(f"{vpath.name} holds vectors of shape {shape}, the manifest says {(count, dim)}")
-        elif dtype != np.dtype(DTYPES[manifest["dtype"]]):
-            problems.append(f"{vpath.name} holds {dtype} vectors, the manifest says {manifest['dtype']}")
+        elif dtype != stored:
+            problems.append(f"{vpath.name} holds {dtype} vectors, the manifest says {manifest['precision']}")
         elif size != want:
             problems.append(f"{vpath.name} is {size} bytes, its header needs {want} (cut short or padded)")
     if not rpath.exists():
@@ -280,3 +305,35 @@ def check_vectors(folder: Path, manifest: dict, i: int) -> None:
     if "sha256" in p and digest(path) != p["sha256"]["vectors"]:
         raise IndexDamagedError(f"{path}: does not match its checksum (changed since it was written); "
                                 "`e5v index repair` re-embeds the partition")
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ConfigError("the approximate index needs faiss: pip install faiss-cpu (or faiss-gpu)") from exc
+    return faiss
+
+
+def read_ann(path: Path):
+    """The faiss index in ``path``; a file faiss cannot read is an :class:`e5v.errors.IndexDamagedError`."""
+    try:
+        return import_faiss().read_index(str(path))
+    except RuntimeError as exc:  # faiss reports a damaged file this way
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise IndexDamagedError(f"{path}: not a readable approximate index ({reason}); {ANN_HINT}") from None
+
+
+def open_ann(folder: Path, info: dict, dim: int):
+    """The approximate index that the manifest's ``info`` describes, checked against it (present, checksum when
+    recorded, readable, vector count and dim); an :class:`e5v.errors.IndexDamagedError` names what is wrong."""
+    path = Path(folder) / info["file"]
+    if not path.exists():
+        raise IndexDamagedError(f"{path}: the approximate index is missing; {ANN_HINT}")
+    if "sha256" in info and digest(path) != info["sha256"]:
+        raise IndexDamagedError(f"{path}: the approximate index does not match its checksum; {ANN_HINT}")
+    ann = read_ann(path)
+    if ann.ntotal != info["count"] or ann.d != dim:
+        raise IndexDamagedError(f"{path}: the approximate index holds {ann.ntotal} vectors of dim {ann.d}, the "
+                                f"manifest says {info['count']} of dim {dim}; {ANN_HINT}")
+    return ann

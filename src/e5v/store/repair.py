@@ -14,9 +14,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import EngineConfig
 from ..errors import ConfigError, E5VError, IndexDamagedError
-from .layout import MANIFEST, digest, file_facts, part_file, partition_problems, read_manifest, read_rows
-from .layout import rows_path, vectors_path, write_manifest
+from .ann import build_ann
+from .build import check_settings, embed_part, fingerprint, index_root, progress_bar, read_marker, rewrite_partition
+from .codes import code_problems, update_codes
+from .indexing import index_config, index_settings, load_engine
+from .layout import MANIFEST, digest, file_facts, open_ann, part_file, partition_problems, read_index_manifest
+from .layout import read_rows, rows_path, vectors_path, write_manifest
 from .sources import Entry, read_source
 
 log = logging.getLogger(__name__)
@@ -34,25 +39,27 @@ class Report:
     partitions: dict[str, list[str]] = field(default_factory=dict)
     records: list[str] = field(default_factory=list)
     ann: list[str] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
     stray: list[Path] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.partitions or self.ann or self.stray)
+        return not (self.partitions or self.ann or self.codes or self.stray)
 
     def lines(self) -> list[str]:
         out = [f"{name}: {problem}" for name, problems in self.partitions.items() for problem in problems]
         out += [f"{name}: the manifest's record disagrees with files that match their checksums (the manifest "
                 "was edited); rebuild the index" for name in self.records]
         out += [f"approximate index: {a}" for a in self.ann]
+        out += [f"search codes: {c}" for c in self.codes]
         out += [f"stray file {p.name}: not part of the index (`e5v index repair` removes it)" for p in self.stray]
         return out
 
 
 def _open(folder) -> tuple[Path, dict]:
     folder = Path(folder).resolve()
-    manifest = read_manifest(folder)
+    manifest = read_index_manifest(folder)
     if manifest is None:
         raise ConfigError(f"{folder}: not an e5v index (no {MANIFEST})")
     return folder, manifest
@@ -61,8 +68,6 @@ def _open(folder) -> tuple[Path, dict]:
 def verify(folder, *, progress: bool = False) -> Report:
     """Check every partition (shape, sizes, checksums, rows), the approximate index, and look for stray files.
     A manifest that cannot be read raises :class:`e5v.errors.IndexDamagedError`."""
-    from .build import progress_bar
-
     folder, manifest = _open(folder)
     report = Report(count=manifest["count"])
     seen: dict[str, str] = {}
@@ -86,6 +91,7 @@ def verify(folder, *, progress: bool = False) -> Report:
                     report.records.append(p["name"])
             bar.update(1)
     report.ann = _ann_problems(folder, manifest)
+    report.codes = code_problems(folder, manifest, checksums=True)
     report.stray = _stray(folder, manifest)
     return report
 
@@ -106,8 +112,6 @@ def _ann_problems(folder: Path, manifest: dict) -> list[str]:
     ann = manifest.get("ann")
     if not ann:
         return []
-    from .ann import open_ann
-
     try:
         open_ann(folder, ann, manifest["dim"])
     except E5VError as exc:
@@ -154,8 +158,6 @@ def write_checksums(folder) -> int:
 def partition_entries(folder: Path, manifest: dict, i: int) -> list[Entry]:
     """The items to embed again for partition ``i``: its rows when they are intact, else its items read again
     from the source that built it."""
-    from .build import fingerprint, index_root, read_marker
-
     p = manifest["partitions"][i]
     try:
         return [Entry.from_row(r) for r in read_rows(folder, manifest, i)]
@@ -182,12 +184,11 @@ def partition_entries(folder: Path, manifest: dict, i: int) -> list[Entry]:
     return [by_id[x] for x in ids]
 
 
-def repair(folder, load_model, *, progress: bool = True) -> tuple[Report, list[dict]]:
+def repair(folder, config: EngineConfig | None = None, *, progress: bool = True) -> tuple[Report, list[dict]]:
     """Re-embed the damaged partitions (one manifest write each), remove stray files, rebuild a damaged or
-    outdated approximate index. Returns what ``verify`` found before, and the items that failed now."""
-    from .ann import build_ann
-    from .build import embed_part, progress_bar, rewrite_partition
-
+    outdated approximate index, encode damaged or outdated search codes again. ``config``: engine options; the
+    vector options it leaves open are the index's (:func:`~e5v.store.indexing.index_config`), and one that
+    differs from the index's is refused. Returns what ``verify`` found before, and the items that failed now."""
     report = verify(folder)
     folder, manifest = _open(folder)
     if report.records:
@@ -197,22 +198,36 @@ def repair(folder, load_model, *, progress: bool = True) -> tuple[Report, list[d
         raise ConfigError(f"{folder} has an unfinished {manifest['job']['kind']}; rerun it before repairing")
     names = [p["name"] for p in manifest["partitions"]]
     todo = [(names.index(n), partition_entries(folder, manifest, names.index(n))) for n in report.partitions]
+    if todo:
+        config = index_config(manifest, config)
+        check_settings(folder, manifest, index_settings(manifest, config))
     ann = manifest.get("ann")
     skipped = []
     for path in report.stray:  # first: a killed repair's new files are stray, and may be written again below
         path.unlink(missing_ok=True)
     if todo:
-        with load_model() as model, progress_bar(sum(len(e) for _, e in todo), f"repair {folder.name}",
-                                                 progress) as bar:
-            for i, entries in todo:
-                vectors, rows, failed = embed_part(model, entries, manifest["prompt"])
-                manifest = rewrite_partition(folder, manifest, i, vectors, rows, failed)
-                skipped += failed
-                bar.update(len(entries))
-                log.info("repaired %s (%d items)", names[i], len(rows))
+        manifest, skipped = _reembed(folder, manifest, todo, config, progress)
     if ann and report.ann and not todo:  # damaged, the partitions fine: set it aside, then build it again
         manifest["ann"] = {**ann, "stale": True}
         write_manifest(folder, manifest)
     if ann:
         build_ann(folder, update=True)
+    if manifest.get("codes"):  # the codes of re-embedded partitions, and damaged ones, encoded again
+        update_codes(folder, checksums=True)
     return report, skipped
+
+
+def _reembed(folder: Path, manifest: dict, todo: list[tuple[int, list[Entry]]], config: EngineConfig,
+             progress: bool) -> tuple[dict, list[dict]]:
+    """Re-embed and switch in each partition of ``todo`` ((number, items)); the manifest, and the items that
+    failed."""
+    skipped = []
+    with load_engine(config, progress) as model, \
+            progress_bar(sum(len(e) for _, e in todo), f"repair {folder.name}", progress) as bar:
+        for i, entries in todo:
+            vectors, rows, failed = embed_part(model, entries, manifest["prompt"])
+            manifest = rewrite_partition(folder, manifest, i, vectors, rows, failed)
+            skipped += failed
+            bar.update(len(entries))
+            log.info("repaired %s (%d items)", manifest["partitions"][i]["name"], len(rows))
+    return manifest, skipped

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..inputs import IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, list_images, read_manifest
+from ..readers import IMAGE_EXTENSIONS, MANIFEST_SUFFIXES, list_images, read_image_manifest
 from .layout import read_tar_member
 
 if TYPE_CHECKING:
-    from ..encoder import Item
+    from ..items import Item
 
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -61,7 +61,7 @@ class Entry:
 
     def item(self) -> Item:
         """The engine's input (an image inside a shard is read here, one partition at a time)."""
-        from ..encoder import Item
+        from ..items import Item
 
         if self.tar:
             return Item(image=read_tar_member(self.tar), name=self.label)
@@ -250,7 +250,7 @@ def read_source(spec: str, *, rebase: bool = False, root: str | None = None) -> 
         entries = [e for shard in shards for e in read_shard(shard)]
     else:
         listed = not (os.path.isfile(spec) and spec.lower().endswith(MANIFEST_SUFFIXES))
-        records = list_images(spec) if listed else read_manifest(spec, texts=True)
+        records = list_images(spec) if listed else read_image_manifest(spec, texts=True)
         entries = []
         for r in records:
             image = None if r.image is None else os.path.abspath(r.image)

@@ -1,6 +1,6 @@
 """``e5v demo``: the whole system on the bundled mini model, offline, in well under a minute on 2 CPU cores.
 
-It renders a gallery of held-out toy scenes (combinations the model never saw), indexes it with ``e5v index build``,
+It renders a gallery of held-out toy scenes (combinations the model never saw), indexes it (``e5v.store.build_index``),
 runs text, image and composed (image + modification) queries through the index, prints the top results and the
 recall figures with and without the E5-V prompts, and writes an HTML page with the thumbnails. With the bundled
 model it also shows the paper's claim 2 on this gallery and a second one: recall before and after the text-only
@@ -22,20 +22,6 @@ CLAIM2_MODELS = (("before stage C", MINI_BEFORE_C, None), ("after stage C (shipp
                  ("shuffled-pairs control", MINI_BEFORE_C, MINI_SHUFFLED))
 
 
-def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="offline demo on the bundled mini model: index a toy gallery, query it, "
-                                    "report recall, write an HTML page",
-                       description=__doc__.split("\n\n")[0].replace("``", ""))
-    p.add_argument("--model", default=str(MINI), help="checkpoint (default: the bundled mini model)")
-    p.add_argument("--out", default="e5v-demo", help="folder for the gallery, the index and index.html")
-    p.add_argument("--scenes", type=int, default=200, help="held-out scenes in the gallery")
-    p.add_argument("--top", type=int, default=5, help="results shown per query")
-    p.add_argument("--second-gallery", type=int, default=7, metavar="SEED",
-                   help="seed of the second gallery of the claim-2 table (the first is seed 0)")
-    p.add_argument("--open", action="store_true", help="open the page in a browser")
-    p.set_defaults(run=run_demo)
-
-
 def pick_queries(g, rng: random.Random) -> list[dict]:
     """Two plain and two rich text queries, two image queries (the same scenes re-drawn with other jitter) and two
     composed queries, each with the gallery scene it should find."""
@@ -44,35 +30,76 @@ def pick_queries(g, rng: random.Random) -> list[dict]:
     qs += [{"kind": "text", "text": g.rich[i], "want": i} for i in rng.sample(range(n), 2)]
     qs += [{"kind": "image", "scene": world.Scene(g.scenes[i].objects, seed=i + 10 ** 6), "want": i}
            for i in rng.sample(range(n), 2)]
-    qs += [{"kind": "composed", "ref": r, "text": words, "want": t} for r, words, t in rng.sample(g.composed, 2)]
+    pairs = rng.sample(g.composed, min(2, len(g.composed)))  # a small gallery may hold no edit pairs
+    qs += [{"kind": "composed", "ref": r, "text": words, "want": t} for r, words, t in pairs]
     return qs
 
 
-def run_demo(args) -> int:
-    from ..cli import main as e5v
+def run_demo(out, *, model: str = str(MINI), scenes: int = 200, top: int = 5, second_gallery: int = 7,
+             open_page: bool = False) -> int:
+    """The demo into folder ``out`` (see the module's docstring); ``second_gallery``: the seed of the claim-2
+    table's second gallery. Returns 0."""
     from ..encoder import E5V
-    from ..store import open_index
-    from ..store.query import embed_query
-    from .measure import evaluate, gallery
+    from .measure import evaluate
 
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = Path(out)
+    g, index = index_gallery(out, scenes, model)
+    with E5V.from_pretrained(model, device="cpu", dtype="float32") as engine:
+        cards = run_queries(engine, g, index, out, top)
+        figures = {"with prompts": evaluate(engine, g), "without prompts": evaluate(engine, g, prompted=False)}
+        print_figures(figures, len(g.scenes))
+        claim = claim2(engine, figures["with prompts"], g, second_gallery) \
+            if Path(model).resolve() == MINI.resolve() else {}
+    if claim:
+        print_claim2(claim)
+        figures["claim 2"] = claim
+    (out / "recall.json").write_text(json.dumps(figures, indent=2) + "\n")
+    page = out / "index.html"
+    page.write_text(render_page(cards, figures, out, len(g.scenes), model))
+    print(f"\npage: {page.resolve()}  ({time.perf_counter() - t0:.1f} s)")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+    return 0
+
+
+def index_gallery(out: Path, scenes: int, model: str):
+    """(gallery, index): ``scenes`` held-out scenes drawn into ``out/gallery`` and indexed into ``out/index``."""
+    from ..errors import E5VError
+    from ..store import build_index, open_index
+    from .measure import gallery
+
     pics = out / "gallery"
     pics.mkdir(parents=True, exist_ok=True)
     (out / "queries").mkdir(exist_ok=True)
-    g = gallery(args.scenes)
-    names = [f"{i:03d}-{s.id}.png" for i, s in enumerate(g.scenes)]
-    for name, image in zip(names, g.images):
+    g = gallery(scenes)
+    for name, image in zip(gallery_names(g), g.images):
         if not (pics / name).exists():
             image.save(pics / name)
-    print(f"gallery: {len(names)} held-out scenes in {pics}")
-    code = e5v(["index", "build", str(pics), "--model", args.model, "--out", str(out / "index"), "--no-progress"])
-    if code:
-        return code
+    print(f"gallery: {len(g.scenes)} held-out scenes in {pics}")
+    summary = build_index(pics, out / "index", model=model, progress=False)
+    if summary.skipped:
+        raise E5VError(f"{len(summary.skipped)} gallery pictures could not be indexed, e.g. "
+                       f"{summary.skipped[0]['item']}: {summary.skipped[0]['reason']}")
     index = open_index(out / "index")
-    row_of = {Path(index.path_of(i)).name: i for i in index.ids()}
-    model = E5V.from_pretrained(args.model, device="cpu", dtype="float32")
+    print(f"index: {index.count} pictures in {index.path}")
+    return g, index
 
+
+def gallery_names(g) -> list[str]:
+    """The file names of the gallery's pictures, in scene order."""
+    return [f"{i:03d}-{s.id}.png" for i, s in enumerate(g.scenes)]
+
+
+def run_queries(engine, g, index, out: Path, top: int) -> list[tuple]:
+    """Run and print the queries of :func:`pick_queries` through the index; one card per query for the page:
+    (query, label, query image, shown hits, wanted id, rank or None)."""
+    from ..store import embed_query
+
+    pics, names = out / "gallery", gallery_names(g)
+    row_of = {Path(index.path_of(i)).name: i for i in index.ids()}
     cards = []
     for n, q in enumerate(pick_queries(g, random.Random(0))):
         image = None
@@ -81,21 +108,23 @@ def run_demo(args) -> int:
             world.render(q["scene"]).save(image)
         elif q["kind"] == "composed":
             image = pics / names[q["ref"]]
-        vec = embed_query(model, index.info, text=q.get("text"), image=str(image) if image else None)
-        hits = [h for h in index.search(vec[None], args.top + 1)[0] if not (image and h.id == row_of.get(image.name))]
+        vec = embed_query(engine, index.info, text=q.get("text"), image=str(image) if image else None)
+        hits = [h for h in index.search(vec[None], top + 1)[0] if not (image and h.id == row_of.get(image.name))]
         want = row_of[names[q["want"]]]
-        shown = hits[:args.top]
+        shown = hits[:top]
         rank = next((k + 1 for k, h in enumerate(hits) if h.id == want), None)
         label = (f'"{q["text"]}"' if q["kind"] == "text" else f"image {q['scene'].id} (re-drawn)"
                  if q["kind"] == "image" else f'image {g.scenes[q["ref"]].id} + "{q["text"]}"')
         print(f"\n{q['kind']} query: {label}  -> wanted {g.scenes[q['want']].id}, "
-              f"{'found at rank ' + str(rank) if rank else 'not in the top ' + str(args.top)}")
+              f"{'found at rank ' + str(rank) if rank else 'not in the top ' + str(top)}")
         for k, h in enumerate(shown, 1):
             print(f"  {k}. {h.score:.3f}  {Path(h.meta['image']).stem[4:]}{'  <- wanted' if h.id == want else ''}")
         cards.append((q, label, image, shown, want, rank))
+    return cards
 
-    figures = {"with prompts": evaluate(model, g), "without prompts": evaluate(model, g, prompted=False)}
-    print(f"\nheld-out recall over {len(g.scenes)} scenes (chance R@1 {100 / len(g.scenes):.1f} %):")
+
+def print_figures(figures: dict, scenes: int) -> None:
+    print(f"\nheld-out recall over {scenes} scenes (chance R@1 {100 / scenes:.1f} %):")
     for name, f in figures.items():
         line = (f"  {name:16s} text->image R@1 {f['t2i_r1_plain']:5.1f} (rich words {f['t2i_r1_rich']:5.1f})  "
                 f"image->text R@1 {f['i2t_r1_plain']:5.1f}  modality gap {f['gap_plain']:.2f}")
@@ -103,26 +132,16 @@ def run_demo(args) -> int:
             line += (f"  composed R@1 {f['composed_r1']:.1f} R@5 {f['composed_r5']:.1f} "
                      f"({f['composed_queries']} queries)")
         print(line)
-    claim = claim2(model, figures["with prompts"], g, args.second_gallery) \
-        if Path(args.model).resolve() == MINI.resolve() else {}
-    if claim:
-        print("\nclaim 2 (text-only training helps across modalities): R@1 with the E5-V prompts before and after "
-              "the text-only stage C, and after stage C on shuffled pairs (the control):")
-        for name, rows in claim.items():
-            for k, (model_name, f) in enumerate(rows.items()):
-                print(f"  {name if k == 0 else '':20s} {model_name:24s} text->image {f['t2i_r1_plain']:5.1f} "
-                      f"(rich words {f['t2i_r1_rich']:5.1f})  image->text {f['i2t_r1_plain']:5.1f}  "
-                      f"composed {f.get('composed_r1', float('nan')):5.1f}")
-        figures["claim 2"] = claim
-    (out / "recall.json").write_text(json.dumps(figures, indent=2) + "\n")
-    page = out / "index.html"
-    page.write_text(render_page(cards, figures, out, len(g.scenes), args.model))
-    print(f"\npage: {page.resolve()}  ({time.perf_counter() - t0:.1f} s)")
-    if args.open:
-        import webbrowser
 
-        webbrowser.open(page.resolve().as_uri())
-    return 0
+
+def print_claim2(claim: dict) -> None:
+    print("\nclaim 2 (text-only training helps across modalities): R@1 with the E5-V prompts before and after "
+          "the text-only stage C, and after stage C on shuffled pairs (the control):")
+    for name, rows in claim.items():
+        for k, (model_name, f) in enumerate(rows.items()):
+            composed = f"{f['composed_r1']:5.1f}" if "composed_r1" in f else "  n/a"  # no edit pairs in the gallery
+            print(f"  {name if k == 0 else '':20s} {model_name:24s} text->image {f['t2i_r1_plain']:5.1f} "
+                  f"(rich words {f['t2i_r1_rich']:5.1f})  image->text {f['i2t_r1_plain']:5.1f}  composed {composed}")
 
 
 def claim2(model, shipped: dict, g, second: int) -> dict:
@@ -149,7 +168,7 @@ def render_page(cards, figures, out: Path, scenes: int, model: str) -> str:
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
     rows = []
-    for q, label, image, hits, want, rank in cards:
+    for q, _, image, hits, want, rank in cards:
         query = thumb(image, "query") if image else ""
         text = f"<p class=q>{html.escape(q['text'])}</p>" if q.get("text") else ""
         found = f"found at rank {rank}" if rank else "not found in the top results"

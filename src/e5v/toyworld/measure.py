@@ -1,4 +1,4 @@
-"""Retrieval figures of a model on the toy world's held-out scenes: the numbers the README table, the tests and
+"""Retrieval figures of a model on the toy world's held-out scenes: the numbers docs/toyworld.md's table, the tests and
 ``e5v demo`` report.
 
 The gallery is ``n`` held-out scenes (distinct contents, every one with a colour-shape-position combination that

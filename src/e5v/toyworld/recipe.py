@@ -10,8 +10,9 @@
 - **Stage B** (visual instruction tuning; tower, projector and image newline, language model frozen): captions,
   edits and one-word answers about pictures. The E5-V image prompt ("Summary above image in one word") is never
   trained: it works zero-shot or not at all.
-- **Stage C** (E5-V): text-only contrastive training through ``e5v train`` on toy NLI triplets (anchor,
-  paraphrase in either register, the anchor with one attribute changed), then ``e5v merge``.
+- **Stage C** (E5-V): text-only contrastive training with :func:`e5v.train.train` (what ``e5v train`` runs) on toy
+  NLI triplets (anchor, paraphrase in either register, the anchor with one attribute changed), then
+  :func:`e5v.train.merge.merge` (``e5v merge``).
 
 No held-out triple occurs in any training text or picture (stage A/B edit answers and stage C hard negatives
 included: :func:`world.changed` keeps to training triples). The recipe runs with its own thread count and
@@ -95,10 +96,10 @@ def build(out: Path, seed: int = 0) -> None:
                               LlavaNextProcessor)
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    from ..tiny import _LLAMA3, _build_tokenizer
+    from ..tiny import LLAMA3_STYLE, build_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer = _build_tokenizer(_LLAMA3, image_token="<image>", vocab_size=640, corpus=corpus(seed))
+    tokenizer = build_tokenizer(LLAMA3_STYLE, image_token="<image>", vocab_size=640, corpus=corpus(seed))
     side, patch = world.SIZE, 16
     vision = CLIPVisionConfig(image_size=side, patch_size=patch, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
@@ -115,7 +116,7 @@ def build(out: Path, seed: int = 0) -> None:
         image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=[[side, side]], size={"shortest_edge": side},
                                                    crop_size={"height": side, "width": side}),
         tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=_LLAMA3.chat_template)
+        num_additional_image_tokens=1, chat_template=LLAMA3_STYLE.chat_template)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -162,7 +163,7 @@ def image_example(scene: world.Scene, rng: random.Random) -> tuple[str, str]:
     return chat(rng.choice(DESCRIBE)), world.caption(scene, rng)
 
 
-class Batcher:
+class ExampleBatcher:
     """Token ids, labels (-100 on prompts and padding) and image tensors of training examples.
 
     Every step draws new scenes, so the pictures are made here directly: the processor's output for a toy picture
@@ -331,7 +332,7 @@ def stage_a_b(recipe: Recipe, start: Path, out: Path, keep: Path | None = None) 
     after stage A in ``keep``)."""
     import torch
 
-    batcher = Batcher(start)
+    batcher = ExampleBatcher(start)
     model = batcher.engine.backbone.model
     model.requires_grad_(False)
     torch.manual_seed(recipe.seed)
@@ -399,9 +400,11 @@ def triplets(n: int, seed: int, shuffled: bool = False) -> list[tuple[str, str, 
 
 
 def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None) -> dict:
-    """Write the toy NLI triplets, run ``e5v train`` on them (the adapter lands in ``work/stage-c/adapter``) and
-    ``e5v merge`` the adapter into ``out`` (unless ``out`` is None)."""
-    from ..cli import main as e5v
+    """Write the toy NLI triplets, train on them with :func:`e5v.train.train` (the adapter lands in
+    ``work/stage-c/adapter``) and :func:`e5v.train.merge.merge` the adapter into ``out`` (unless ``out`` is
+    None)."""
+    from ..train import make_config, train
+    from ..train.merge import merge
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / "toy-nli.csv"
@@ -410,32 +413,28 @@ def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None) -> 
         w.writerow(["sent0", "sent1", "hard_neg"])
         w.writerows(triplets(recipe.c_triplets, recipe.c_seed, recipe.c_shuffle))
     run = work / "stage-c"
+    config = make_config(model=str(base), data=str(data), output_dir=str(run), batch_size=recipe.c_batch,
+                         micro_batch_size=3 * recipe.c_batch, max_steps=recipe.c_steps, learning_rate=recipe.c_lr,
+                         warmup_steps=recipe.c_warmup, lora_r=recipe.c_lora_r, lora_alpha=recipe.c_lora_alpha,
+                         dtype="float32", device="cpu", save_steps=recipe.c_steps, seed=recipe.c_seed,
+                         gradient_checkpointing=False, progress=False, tensorboard=False)
     with fixed_threads(recipe.threads):
-        code = e5v(["train", "--model", str(base), "--data", str(data), "--output-dir", str(run),
-                    "--batch-size", str(recipe.c_batch), "--micro-batch-size", str(3 * recipe.c_batch),
-                    "--max-steps", str(recipe.c_steps), "--learning-rate", str(recipe.c_lr),
-                    "--warmup-steps", str(recipe.c_warmup), "--lora-r", str(recipe.c_lora_r),
-                    "--lora-alpha", str(recipe.c_lora_alpha), "--dtype", "float32", "--device", "cpu",
-                    "--save-steps", str(recipe.c_steps), "--seed", str(recipe.c_seed),
-                    "--no-gradient-checkpointing", "--no-progress", "--no-tensorboard"])
-    if code:
-        raise RuntimeError(f"e5v train exited with {code}")
+        adapter = train(config)
+    log.info("stage C: adapter -> %s", adapter)
     if out is not None:
-        code = e5v(["merge", "--model", str(base), "--adapter", str(run / "adapter"), "--out", str(out),
-                    "--dtype", "float32"])
-        if code:
-            raise RuntimeError(f"e5v merge exited with {code}")
+        merge(str(base), str(adapter), out, dtype="float32")
+        log.info("stage C: merged into %s", out)
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if "loss" in r]
     return {"stage_c_loss": [losses[0], losses[-1]]}
 
 
-def rebuild(out, recipe: Recipe = Recipe(), work=None, base=None) -> dict:
+def rebuild(out, recipe: Recipe | None = None, work=None, base=None) -> dict:
     """Run the whole recipe into ``out`` (a new directory); ``work`` keeps the stage checkpoints (``work/stage-ab``
     is the model before stage C). With ``base`` (a model before stage C, e.g. ``MINI_BEFORE_C``), run stage C only."""
     import tempfile
 
-    out = Path(out)
+    out, recipe = Path(out), recipe or Recipe()
     with tempfile.TemporaryDirectory() as tmp, fixed_threads(recipe.threads):
         work = Path(work or tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """E5-V's text-only contrastive training: LoRA on the language model, InfoNCE over the global batch with hard
 negatives, GradCache, multi-process (torchrun / accelerate launch), exact resume; ``e5v train`` and ``e5v merge``.
 
-``from e5v.train import TrainConfig, make_config, train`` (imports torch/transformers lazily)."""
+``from e5v.train import TrainConfig, make_config, train`` (imports torch/transformers lazily); merging an adapter
+into its base: ``from e5v.train.merge import merge``."""
 from __future__ import annotations
 
 
@@ -14,11 +15,7 @@ def __getattr__(name):
         from .trainer import train
 
         return train
-    if name == "merge":
-        from .merge import merge
-
-        return merge
     raise AttributeError(name)
 
 
-__all__ = ["TrainConfig", "make_config", "read_config_file", "train", "merge"]
+__all__ = ["TrainConfig", "make_config", "read_config_file", "train"]

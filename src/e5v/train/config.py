@@ -1,4 +1,4 @@
-"""Training settings: one dataclass whose defaults are the official E5-V run's (``run.sh`` + ``ft_llm.py``),
+"""Training settings: one dataclass whose defaults are the official E5-V run's (its launch and training scripts),
 loadable from a YAML or JSON file, every field also a command-line flag (flags override the file)."""
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..inputs import _read_jsonl, _read_lines
+from ..readers import read_jsonl, read_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ def read_triplets(path) -> list[Triplet]:
     low = p.lower()
     rows: list[tuple[dict, str]] = []
     if low.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO("\n".join(_read_lines(p)) + "\n", newline=""))
+        reader = csv.DictReader(io.StringIO("\n".join(read_lines(p)) + "\n", newline=""))
         cols = reader.fieldnames or []
         if "sent0" not in cols or "sent1" not in cols:
             raise InputError(p, f"CSV header needs sent0 and sent1 columns (and optionally hard_neg), has {cols}")
         rows = [(row, f"{p}:line {reader.line_num}") for row in reader]
     elif low.endswith(".jsonl"):
-        rows = [(obj, where) for _, obj, where in _read_jsonl(p)]
+        rows = [(obj, where) for _, obj, where in read_jsonl(p)]
     elif low.endswith(".parquet"):
         import pyarrow.parquet as pq
 

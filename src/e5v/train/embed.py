@@ -1,9 +1,9 @@
 """What a training step embeds, and how: the inference engine's own code.
 
 Each sentence is cut to ``cutoff_len`` tokens (tokenised without special tokens, cut, decoded back; only when it
-is longer), then prepared by the engine's :class:`~e5v.encoder.Preparer` (the backbone's chat format, rendering
+is longer), then prepared by the engine's :class:`~e5v.prepare.Preparer` (the backbone's chat format, rendering
 and tokenisation), collated by the backbone (left padding, masked), run through :meth:`Backbone.forward` with the
-LoRA-wrapped language model, and pooled by the engine's :func:`~e5v.encoder.pool_last`. So the trained model is
+LoRA-wrapped language model, and pooled by the engine's :func:`~e5v.batching.pool_last`. So the trained model is
 used at inference exactly as it was trained (tests: training's vectors equal ``E5V.encode_text``'s).
 
 The one other way, ``official_quirks``, lives apart in :mod:`e5v.train.official`. Both modes offer the same
@@ -16,9 +16,10 @@ from contextlib import nullcontext
 
 import torch
 
-from .. import encoder as engine
-from .. import prompts
+from .. import batching, prompts
 from ..errors import ConfigError
+from ..items import Item
+from ..prepare import Preparer
 from .data import Triplet, shard
 
 
@@ -36,7 +37,7 @@ class EngineSentences:
         if prompts.SENT not in self.prompt:
             raise ConfigError(f"the training prompt must contain {prompts.SENT}: {self.prompt!r}")
         self.cutoff_len = int(cutoff_len)
-        self.preparer = engine.Preparer(backbone, max_length, {})
+        self.preparer = Preparer(backbone, max_length, {})
 
     def cut(self, sentence: str) -> str:
         tok = self.backbone.tokenizer
@@ -44,7 +45,7 @@ class EngineSentences:
         return tok.decode(ids[: self.cutoff_len]) if len(ids) > self.cutoff_len else sentence
 
     def prepare(self, sentences: list[str]) -> list:
-        return [self.preparer.prepare(engine.Item(text=self.cut(s), name=f"training sentence {s[:60]!r}"),
+        return [self.preparer.prepare(Item(text=self.cut(s), name=f"training sentence {s[:60]!r}"),
                                       self.prompt) for s in sentences]
 
     def shard(self, rows: list[Triplet], rank: int, size: int) -> list[Triplet]:
@@ -65,10 +66,10 @@ def last_token_encoder(backbone, collate, runner, device: torch.device, autocast
     last-token final hidden states (fp32). Both modes' encoder; they differ only in ``collate``."""
 
     def encode(chunk) -> torch.Tensor:
-        batch = engine.to_device(collate(chunk), device)
+        batch = batching.to_device(collate(chunk), device)
         with autocast_context(device, autocast):
             hidden = backbone.forward(batch, language_model=runner)
-        return engine.pool_last(hidden).float()
+        return batching.pool_last(hidden).float()
 
     return encode
 

@@ -24,6 +24,7 @@ import torch
 from .loss import global_info_nce
 
 Encode = Callable[[list], torch.Tensor]  # a chunk of prepared sequences -> their embeddings (n, d)
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -51,7 +52,7 @@ def plan_chunks(lengths: list[int], chunk_size: int, sort_by_length: bool) -> li
 
 
 def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: list, *, temperature: float = 0.05,
-                     chunk_size: int = 72, sort_by_length: bool = True, device: torch.device = torch.device("cpu"),
+                     chunk_size: int = 72, sort_by_length: bool = True, device: torch.device = CPU,
                      backward: Callable[[torch.Tensor, bool], None] | None = None,
                      plan: list[list[int]] | None = None, filler: list | None = None) -> StepResult:
     """Forward and backward of the InfoNCE loss for this process's shard of the global batch.

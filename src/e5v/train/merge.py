@@ -36,7 +36,7 @@ def merge(base: str, adapter: str, out, *, dtype: str = "auto") -> Path:
     from transformers import AutoModelForImageTextToText
 
     from ..adapters import merge_adapter
-    from ..encoder import resolve_dtype
+    from ..config import resolve_dtype
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

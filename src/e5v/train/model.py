@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import _CausalLMView
+from ..adapters import CausalLMView
 from ..errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
         set_checkpointing(lm, True)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                         target_modules=list(targets))
-    peft = get_peft_model(_CausalLMView(lm), config)
+    peft = get_peft_model(CausalLMView(lm), config)
     found = sum(1 for n, _ in peft.named_modules() if n.endswith("lora_A"))
     if not found:
         raise ConfigError(f"no LoRA target matched {list(targets)} in {type(lm).__name__}")

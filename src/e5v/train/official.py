@@ -1,4 +1,4 @@
-"""``official_quirks``: the released training code's step (``ft_llm.py`` + ``run.sh``), quirks included.
+"""``official_quirks``: the released training code's step (its training and launch scripts), quirks included.
 
 The only place where training embeds differently from the engine (:mod:`e5v.train.embed`). What it reproduces:
 
@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from .data import Triplet, shard
 from .embed import last_token_encoder
 
-#: The inner template of the official ``run.sh`` after its ``_`` -> space replacement (no trailing space).
+#: The inner template of the official launch script after its ``_`` -> space replacement (no trailing space).
 OFFICIAL_TRAIN_PROMPT = "<sent>\nSummary above sentence in one word:"
 
 #: transformers 4.41.2's ``clean_up_tokenization``, applied in this order on decoding.
@@ -66,7 +66,8 @@ class OfficialQuirks:
         inner = prompt or OFFICIAL_TRAIN_PROMPT
         if prompts.SENT not in inner:
             raise ConfigError(f"the training prompt must contain {prompts.SENT}: {inner!r}")
-        # ft_llm.py: llama3_template.format(TEMPLATE), then generate_sentemb_prompt's template.replace('_', ' ')
+        # the official training script: llama3_template.format(TEMPLATE), then generate_sentemb_prompt's
+        # template.replace('_', ' ')
         self.template = prompts.CHAT_FORMATS[backbone.chat_format].format(inner).replace("_", " ")
         self.cutoff_len = int(cutoff_len)
         self.group_size = max(1, int(group_size))

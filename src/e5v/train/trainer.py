@@ -21,7 +21,9 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,7 +59,7 @@ def init_distributed() -> tuple[int, int, int]:
 def resolve_train_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: the mixed precision of an ``accelerate launch`` yaml when it sets one, else the engine's rule for
     training (bf16 on a GPU that has it, fp16 on one that does not, fp32 on CPU)."""
-    from ..encoder import resolve_dtype
+    from ..config import resolve_dtype
 
     if name == "auto":
         name = {"bf16": "bfloat16", "fp16": "float16"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""), "auto")
@@ -212,8 +214,28 @@ def check_run_length(n: int, batch_size: int, warmup: int, total: int) -> None:
                     "lower --warmup-steps or train longer", warmup, total, "0%", 100 * (total - 1) / max(1, warmup))
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the directory of the final adapter."""
+@dataclass
+class Run:
+    """Everything one training run holds: the data, the LoRA-wrapped model, the strategy that shares it among
+    the processes, the encoder of sentences and where the run stands."""
+
+    cfg: TrainConfig
+    rank: int
+    size: int
+    device: torch.device
+    out: Path
+    triplets: list
+    model: Any
+    strategy: Any
+    mode: Any
+    encode: Any
+    per_epoch: int
+    total: int
+    start: int
+
+
+def start_run(cfg: TrainConfig) -> Run:
+    """Load the data and the model, add LoRA, shard it among the processes and resume from the last checkpoint."""
     cfg.validate()
     if cfg.deepspeed:
         require_deepspeed()  # fail before loading anything
@@ -256,61 +278,73 @@ def train(cfg: TrainConfig) -> Path:
         log.info("resumed from %s (step %d)", ckpts[-1], start)
     runner = torch.compile(strategy.runner) if cfg.compile else strategy.runner
     encode = mode.encoder(runner, device, autocast=dtype if dtype != torch.float32 else None)
+    return Run(cfg, rank, size, device, out, triplets, model, strategy, mode, encode, per_epoch, total, start)
 
-    logger = Logger(out, start, enabled=rank == 0, tensorboard=cfg.tensorboard)
-    if rank == 0:
-        chunks = f"padded groups of {mode.group_size} triplets (the official layout)" if cfg.official_quirks \
+
+def run_step(run: Run, step: int) -> dict:
+    """One optimiser step over the global batch of ``step``; returns its log record."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    torch.manual_seed(cfg.seed + 7919 * step + 104729 * run.rank)  # dropout: a function of (seed, step, rank)
+    rows = [run.triplets[i] for i in batch_indices(len(run.triplets), cfg.batch_size, step, cfg.seed)]
+    local = run.mode.shard(rows, run.rank, run.size)
+    anchors, positives, negatives, plan = run.mode.inputs(local)
+    run.strategy.zero_grad()
+    res = contrastive_step(
+        run.encode, anchors, positives, negatives, temperature=cfg.temperature, chunk_size=cfg.micro_batch_size,
+        sort_by_length=cfg.sort_by_length, device=run.device, backward=run.strategy.backward, plan=plan,
+        filler=None if local else run.mode.inputs(rows[:1])[0])
+    if not math.isfinite(res.loss):
+        raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
+                                 "bfloat16/float32 or a lower learning rate")
+    lr = run.strategy.scheduler.get_last_lr()[0]
+    try:
+        grad_norm = run.strategy.step()
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"step {step + 1}: {exc}") from None
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
+    sentences = 2 * len(rows) + sum(t.negative is not None for t in rows)
+    return {"step": step + 1, "total": run.total, "epoch": round((step + 1) / run.per_epoch, 4), "loss": res.loss,
+            "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
+            "candidates": res.candidates, "chunks": res.chunks, "seconds": seconds}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) training; returns the directory of the final adapter."""
+    run = start_run(cfg)
+    logger = Logger(run.out, run.start, enabled=run.rank == 0, tensorboard=cfg.tensorboard)
+    if run.rank == 0:
+        chunks = f"padded groups of {run.mode.group_size} triplets (the official layout)" if cfg.official_quirks \
             else f"{cfg.micro_batch_size} sequences per forward pass"
         log.info("%d pairs, %d steps per epoch, %d steps (from step %d); global batch %d triplets on %d "
-                 "process(es) (%s), %s", len(triplets), per_epoch, total, start, cfg.batch_size, size,
-                 strategy.name, chunks)
+                 "process(es) (%s), %s", len(run.triplets), run.per_epoch, run.total, run.start, cfg.batch_size,
+                 run.size, run.strategy.name, chunks)
     bar = None
-    if cfg.progress and rank == 0:
+    if cfg.progress and run.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.total, initial=run.start, unit="step", dynamic_ncols=True)
     try:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed + 7919 * step + 104729 * rank)  # dropout: a function of (seed, step, rank)
-            rows = [triplets[i] for i in batch_indices(len(triplets), cfg.batch_size, step, cfg.seed)]
-            local = mode.shard(rows, rank, size)
-            anchors, positives, negatives, plan = mode.inputs(local)
-            strategy.zero_grad()
-            res = contrastive_step(
-                encode, anchors, positives, negatives, temperature=cfg.temperature, chunk_size=cfg.micro_batch_size,
-                sort_by_length=cfg.sort_by_length, device=device, backward=strategy.backward, plan=plan,
-                filler=None if local else mode.inputs(rows[:1])[0])
-            if not math.isfinite(res.loss):
-                raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
-                                         "bfloat16/float32 or a lower learning rate")
-            lr = strategy.scheduler.get_last_lr()[0]
-            try:
-                grad_norm = strategy.step()
-            except FloatingPointError as exc:
-                raise FloatingPointError(f"step {step + 1}: {exc}") from None
-            done = step + 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            sentences = 2 * len(rows) + sum(t.negative is not None for t in rows)
-            if done % cfg.logging_steps == 0 or done == total:
-                logger.write({"step": done, "total": total, "epoch": round(done / per_epoch, 4), "loss": res.loss,
-                              "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
-                              "candidates": res.candidates, "chunks": res.chunks, "seconds": seconds})
+        for step in range(run.start, run.total):
+            record = run_step(run, step)
+            done = record["step"]
+            if done % cfg.logging_steps == 0 or done == run.total:
+                logger.write(record)
             if bar is not None:
-                bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}", sent_s=f"{sentences / seconds:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                sent_s=f"{record['sentences_per_s']:.0f}")
                 bar.update(1)
-            if done % cfg.save_steps == 0 or done == total:
-                save_checkpoint(out, done, cfg, model, strategy, rank, size)
-        final = out / "adapter"
-        weights = strategy.full_weights()
-        if rank == 0:
-            save_adapter_dir(model.peft, final, weights)
+            if done % cfg.save_steps == 0 or done == run.total:
+                save_checkpoint(run.out, done, cfg, run.model, run.strategy, run.rank, run.size)
+        final = run.out / "adapter"
+        weights = run.strategy.full_weights()
+        if run.rank == 0:
+            save_adapter_dir(run.model.peft, final, weights)
             log.info("adapter saved to %s", final)
     finally:
         if bar is not None:
             bar.close()
         logger.close()
-    _barrier(size)
+    _barrier(run.size)
     return final
