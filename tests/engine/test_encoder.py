@@ -356,7 +356,7 @@ def test_unusual_image_modes_embed_like_their_rgb_version(engines, mixed_images,
 
 def test_real_e5v_image_geometry(tiny_dirs, tmp_path):
     """royokong/e5-v's image settings (336 px CLIP-L/14 tiles, its AnyRes pinpoints, processor without
-    patch_size) on a narrow random model: a 640x480 image takes 2,340 image tokens (GPU_ANCHORS.md), and
+    patch_size) on a narrow random model: a 640x480 image takes 2,340 image tokens (as measured on the real model), and
     mixed sizes batched together equal one-by-one."""
     import shutil
 

@@ -1,4 +1,4 @@
-"""An independent port of the released E5-V training step, for tests: kongds/E5-V ``ft_llm.py`` run by ``run.sh``
+"""An independent port of the released E5-V training step, for tests: the released ``ft_llm.py`` run by ``run.sh``
 (``--is_sentemb --use_neg_sentence``, the Llama-3 branch) under transformers 4.41.2 and DeepSpeed ZeRO-2.
 
 Written from the released code, statement by statement; it imports nothing of e5v's training code (only torch,

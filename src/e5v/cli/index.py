@@ -13,7 +13,7 @@ from ..errors import safe_text
 FROM_INDEX = ("Model options not given are the index's (--dtype auto included: the index's compute dtype), so that "
               "the new vectors are made as the stored ones were; one that differs from the index's is refused.")
 PQ_NOTE = ("Scalar quantisation only: product quantisation (PQ) loses the structure that separates a text query "
-           "from image vectors, and cross-modal recall suffers (clip-retrieval#76).")
+           "from image vectors, and cross-modal recall suffers.")
 
 
 def add_parsers(sub) -> None:

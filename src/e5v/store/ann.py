@@ -2,7 +2,7 @@
 recall@10 against exact search measured when it is built and written into the manifest.
 
 No product quantisation: PQ codes lose the fine structure that separates a text query from the image vectors
-(the modality gap), and cross-modal recall drops far more than same-modality recall (clip-retrieval#76).
+(the modality gap), and cross-modal recall drops far more than same-modality recall.
 Candidates from the graph are re-scored with the stored vectors, so scores are exact and only recall is approximate.
 """
 from __future__ import annotations
