@@ -9,7 +9,7 @@ import pytest
 import e5v.cli
 import e5v.cli.common
 from support import eval_data as fx
-from e5v import E5V, prompts
+from e5v import prompts
 from e5v.eval import metrics, tasks
 from e5v.parts import PartStore
 
@@ -28,12 +28,8 @@ def release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_dirs):
+    """The e5v-like tiny checkpoint; conftest's ``engine`` fixture loads it for this module."""
     return str(tiny_dirs["e5v-like"])
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return E5V.from_pretrained(model_dir, device="cpu", dtype="float32")
 
 
 def run(argv, capsys=None):
@@ -108,13 +104,13 @@ def test_every_task_runs(full_run):
             assert f"| {task} | {metric} |" in md
 
 
-def test_retrieval_scores_the_engine_vectors(full_run, release, model):
+def test_retrieval_scores_the_engine_vectors(full_run, release, engine):
     _, _, res = full_run
     from e5v.eval import readers
 
     d = readers.read_retrieval(release / "flickr30k", "flickr30k")
-    t = model.encode_text(d.captions)  # the README text prompt
-    i = model.encode_image(list(d.images[:]))  # the README image prompt
+    t = engine.encode_text(d.captions)  # the README text prompt
+    i = engine.encode_image(list(d.images[:]))  # the README image prompt
     s = t @ i.T
     t2i = metrics.recall_at_k(s, d.caption_image, (1, 5, 10))
     i2t = metrics.recall_at_k(s.T, [np.flatnonzero(d.caption_image == k) for k in range(4)], (1, 5, 10))
@@ -123,13 +119,13 @@ def test_retrieval_scores_the_engine_vectors(full_run, release, model):
         assert got[f"t2i_R@{k}"] == pytest.approx(t2i[k]) and got[f"i2t_R@{k}"] == pytest.approx(i2t[k])
 
 
-def test_sts_uses_prompt_and_cleanup(full_run, release, model):
+def test_sts_uses_prompt_and_cleanup(full_run, release, engine):
     _, _, res = full_run
     from e5v.eval import readers
 
     a, b, g = readers.read_sts(release / "senteval", "sts-b").subsets["test"]
-    ea = model.encode([tasks.clean_sts_sentence(s) for s in a], prompt=prompts.STS)
-    eb = model.encode([tasks.clean_sts_sentence(s) for s in b], prompt=prompts.STS)
+    ea = engine.encode([tasks.clean_sts_sentence(s) for s in a], prompt=prompts.STS)
+    eb = engine.encode([tasks.clean_sts_sentence(s) for s in b], prompt=prompts.STS)
     expected = metrics.spearman((ea * eb).sum(1), g) * 100
     assert res["tasks"]["sts-b"]["metrics"]["spearman"] == pytest.approx(expected, abs=1e-4)
     # STS12-16: one correlation over every subset's pairs ("all"), the per-subset values in the details
@@ -138,7 +134,7 @@ def test_sts_uses_prompt_and_cleanup(full_run, release, model):
     assert res["tasks"]["sts12"]["counts"]["pairs"] == 15
 
 
-def test_sts_all_aggregation_and_sick_r(full_run, release, model):
+def test_sts_all_aggregation_and_sick_r(full_run, release, engine):
     """STS12: one Spearman over the concatenated subsets (SentEval "all"), not the mean of the subsets';
     SICK-R: the test file (header skipped) with the STS prompt and clean-up."""
     from scipy.stats import spearmanr
@@ -148,8 +144,8 @@ def test_sts_all_aggregation_and_sick_r(full_run, release, model):
     _, _, res = full_run
 
     def cosines(a, b):
-        ea = model.encode([tasks.clean_sts_sentence(s) for s in a], prompt=prompts.STS)
-        eb = model.encode([tasks.clean_sts_sentence(s) for s in b], prompt=prompts.STS)
+        ea = engine.encode([tasks.clean_sts_sentence(s) for s in a], prompt=prompts.STS)
+        eb = engine.encode([tasks.clean_sts_sentence(s) for s in b], prompt=prompts.STS)
         return (ea * eb).sum(1)
 
     cos, gold, per = [], [], []
@@ -168,13 +164,13 @@ def test_sts_all_aggregation_and_sick_r(full_run, release, model):
     assert res["tasks"]["sick-r"]["metrics"]["spearman"] == pytest.approx(expected, abs=1e-4)
 
 
-def test_i2i_embeds_rendered_captions_with_the_image_prompt(full_run, release, model):
+def test_i2i_embeds_rendered_captions_with_the_image_prompt(full_run, release, engine):
     from e5v.eval import readers, render
 
     _, out, res = full_run
     d = readers.read_retrieval(release / "coco", "coco", max_captions=5)
-    t = model.encode_image([render.render_caption(c) for c in d.captions])  # image prompt on the drawn captions
-    i = model.encode_image(list(d.images[:]))
+    t = engine.encode_image([render.render_caption(c) for c in d.captions])  # image prompt on the drawn captions
+    i = engine.encode_image(list(d.images[:]))
     np.testing.assert_allclose(cached(one_folder(out / "cache" / "coco", "rendered-captions")), t, atol=1e-5)
     s = t @ i.T
     per_image = [np.flatnonzero(d.caption_image == k) for k in range(len(d.image_ids))]
@@ -184,15 +180,15 @@ def test_i2i_embeds_rendered_captions_with_the_image_prompt(full_run, release, m
         assert got[f"i2t_R@{k}"] == pytest.approx(hand_recall(s.T, per_image, k))
 
 
-def test_cirr_val_excludes_the_reference(full_run, release, model):
+def test_cirr_val_excludes_the_reference(full_run, release, engine):
     """Official prompts (CIRR query / candidate), the reference removed from the ranking, Recall_subset within
     the image set less the reference -- all recomputed here from the engine's vectors."""
     from e5v.eval import readers
 
     _, out, res = full_run
     d = readers.read_cirr(release / "cirr", "val")
-    g = model.encode_image(list(d.gallery[:]), task="cirr")  # "<image>\n Describe this image in one word:"
-    q = model.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)], task="cirr")
+    g = engine.encode_image(list(d.gallery[:]), task="cirr")  # "<image>\n Describe this image in one word:"
+    q = engine.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)], task="cirr")
     np.testing.assert_allclose(cached(one_folder(out / "cache" / "cirr-val", "queries")), q, atol=1e-5)
     s = q @ g.T
     ix = {n: j for j, n in enumerate(d.gallery_ids)}
@@ -209,7 +205,7 @@ def test_cirr_val_excludes_the_reference(full_run, release, model):
         assert got[f"Rsubset@{k}"] == pytest.approx(100 * np.mean(hits))
 
 
-def test_fashioniq_sums_both_orders_before_normalising(release, model, tmp_path):
+def test_fashioniq_sums_both_orders_before_normalising(release, engine, tmp_path):
     from e5v.eval import readers
     from e5v.eval.cache import Embedded, EmbeddingCache
 
@@ -222,28 +218,28 @@ def test_fashioniq_sums_both_orders_before_normalising(release, model, tmp_path)
     d = readers.read_fashioniq(release / "fashioniq", "toptee")
     qp, _ = prompts.composed_prompts("fashioniq-toptee")
     assert "this shirt" in qp  # toptee is prompted as shirt
-    ctx = tasks.Context(release, EmbeddingCache(tmp_path, {"m": 1}, lambda: model, progress=False), tmp_path)
+    ctx = tasks.Context(release, EmbeddingCache(tmp_path, {"m": 1}, lambda: engine, progress=False), tmp_path)
     res = tasks.fashioniq_category(ctx, "toptee")
     assert res.computed == 6 + 4 + 4
-    raw = model.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text)) for k, q in enumerate(d.queries)],
+    raw = engine.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text)) for k, q in enumerate(d.queries)],
                       prompt=qp, normalize=False).vectors
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     root = tmp_path / "fashioniq-toptee"
     np.testing.assert_allclose(cached(one_folder(root, "queries")), raw, atol=1e-5)
-    rev = model.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text, reverse=True))
+    rev = engine.embed([(d.query_images[k], tasks.fashioniq_query_text(q.text, reverse=True))
                        for k, q in enumerate(d.queries)], prompt=qp, normalize=False).vectors
     np.testing.assert_allclose(cached(one_folder(root, "queries-reversed")), rev, atol=1e-5)
-    gallery = model.encode_image(list(d.gallery[:]), task="fashioniq-toptee")  # "... this shirt ... its style:"
+    gallery = engine.encode_image(list(d.gallery[:]), task="fashioniq-toptee")  # "... this shirt ... its style:"
     np.testing.assert_allclose(cached(one_folder(root, "gallery")), gallery, atol=1e-5)
 
 
-def test_cirr_test_submission_files(full_run, release, model):
+def test_cirr_test_submission_files(full_run, release, engine):
     _, out, res = full_run
     from e5v.eval import readers
 
     d = readers.read_cirr(release / "cirr", "test")
-    s = model.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)]) \
-        @ model.encode_image(list(d.gallery[:]), task="cirr").T
+    s = engine.encode_composed([(d.query_images[k], x.text) for k, x in enumerate(d.queries)]) \
+        @ engine.encode_image(list(d.gallery[:]), task="cirr").T
     rec = json.loads((out / "cirr_test_recall.json").read_text())
     sub = json.loads((out / "cirr_test_recall_subset.json").read_text())
     assert rec["version"] == "rc2" and rec["metric"] == "recall" and sub["metric"] == "recall_subset"
@@ -294,7 +290,7 @@ def test_interrupted_run_resumes_to_the_same_result(release, model_dir, tmp_path
     assert cut == whole
 
 
-def test_cache_is_keyed_by_model_adapter_dtype_prompt_and_inputs(model, model_dir, tmp_path):
+def test_cache_is_keyed_by_model_adapter_dtype_prompt_and_inputs(engine, model_dir, tmp_path):
     from e5v.config import EngineConfig
     from e5v.eval.cache import EmbeddingCache
     from e5v.items import Item
@@ -306,7 +302,7 @@ def test_cache_is_keyed_by_model_adapter_dtype_prompt_and_inputs(model, model_di
     texts = ["a dog runs", "a red ball", "the sea"]
 
     def computed(settings, prompt=prompts.TEXT, texts=texts):
-        cache = EmbeddingCache(tmp_path, settings, lambda: model, part_size=2, progress=False)
+        cache = EmbeddingCache(tmp_path, settings, lambda: engine, part_size=2, progress=False)
         return cache.embed("d", "captions", prompt, [Item(text=t) for t in texts], texts).computed
 
     assert computed(base) == 3 and computed(base) == 0
@@ -325,7 +321,7 @@ def test_cache_is_keyed_by_model_adapter_dtype_prompt_and_inputs(model, model_di
     assert computed(settings(copy)) == 3
 
 
-def test_adapter_is_evaluated_and_cached_apart(release, model, model_dir, tmp_path, capsys):
+def test_adapter_is_evaluated_and_cached_apart(release, engine, model_dir, tmp_path, capsys):
     """--adapter DIR: the LoRA adapter is merged (other numbers than the base model) and its embeddings are
     cached apart from the base model's; results.json names the adapter."""
     import torch
@@ -333,7 +329,7 @@ def test_adapter_is_evaluated_and_cached_apart(release, model, model_dir, tmp_pa
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    lm = AutoModelForCausalLM.from_config(model.backbone.model.config.text_config)
+    lm = AutoModelForCausalLM.from_config(engine.backbone.model.config.text_config)
     get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
                                   target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
     common = ["sts-b", "--model", model_dir, "--data", str(release), "--out", str(tmp_path / "o")]
@@ -420,7 +416,7 @@ def test_missing_dataset_fails_before_anything_is_embedded(tmp_path, model_dir, 
     assert not out.exists()
 
 
-def test_sts_empty_sentence_is_embedded_as_the_official_code_does(tmp_path, model):
+def test_sts_empty_sentence_is_embedded_as_the_official_code_does(tmp_path, engine):
     """eval_sts.py: mllm_template.format(' ' + template.replace('*sent 0*', s).strip()); for an empty sentence the
     strip takes the newline too, so the prompt alone is embedded. The pair counts like any other."""
     from e5v.items import Item
@@ -440,14 +436,15 @@ def test_sts_empty_sentence_is_embedded_as_the_official_code_does(tmp_path, mode
              (fx.sentence(9), fx.sentence(10), 5.0)]
     (root / "STS" / "STSBenchmark" / "sts-test.csv").write_text(
         "".join(f"g\tf\t2012\t{k}\t{s}\t{a}\t{b}\n" for k, (a, b, s) in enumerate(pairs)))
-    ctx = tasks.Context(tmp_path, EmbeddingCache(tmp_path / "cache", {"m": 1}, lambda: model, progress=False), tmp_path)
+    cache = EmbeddingCache(tmp_path / "cache", {"m": 1}, lambda: engine, progress=False)
+    ctx = tasks.Context(tmp_path, cache, tmp_path)
     res = tasks.sts(ctx, "sts-b")
 
-    empty = model.embed([Item(name="empty")], prompt=official("")).vectors[0]
+    empty = engine.embed([Item(name="empty")], prompt=official("")).vectors[0]
 
     def vec(s):
         s = tasks.clean_sts_sentence(" ".join(s.split()))
-        return empty if s == "" else model.encode([s], prompt=prompts.STS)[0]
+        return empty if s == "" else engine.encode([s], prompt=prompts.STS)[0]
 
     cos = [float(vec(a) @ vec(b)) for a, b, _ in pairs]
     gold = [s for _, _, s in pairs]
