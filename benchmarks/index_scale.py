@@ -16,6 +16,7 @@ Writes benchmarks/results/index_scale.json and .md (``--out``).
 """
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -183,7 +184,9 @@ def render(report: dict) -> str:
     n = report["n"]
     lines = [f"### Exact search over {n:,} synthetic {report['dim']}-d vectors, one storage setting at a time",
              "",
-             f"{report['machine']}; exact top-{K} over memory-mapped codes with the codes in the page cache; "
+             f"{report['machine']}, load average {report['load_average'][0]:.1f} before the measurements and "
+             f"{report['load_average'][1]:.1f} after (other people's processes); exact top-{K} over memory-mapped "
+             "codes with the codes in the page cache; "
              f"re-scoring reads the top {max(10 * K, 100)} candidates' rows from the float16 copy (memory-mapped). "
              "Recall against exact float32 search over the same rows, "
              f"{report['queries']} queries. Rows marked * were measured on fewer rows (their codes exceed the "
@@ -252,7 +255,7 @@ def main() -> None:
     t0 = time.perf_counter()
     codecs, build_s, truth, t_gen = build(args, world, args.folder, sizes, queries)
     print(f"generated in {t_gen:.0f} s, built in {time.perf_counter() - t0:.0f} s")
-    rows = []
+    rows, load = [], os.getloadavg()[0]
     for precision, rescore in SETTINGS:
         r = measure(args, args.folder, codecs, precision, rescore, sizes[(precision, rescore)], queries, truth)
         # build time of what this setting stores: its codes, and the float16 copy when it re-scores
@@ -263,7 +266,8 @@ def main() -> None:
         rows.append(r)
     report = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread, "offset": args.offset,
               "queries": args.queries, "scan_budget_gb": args.scan_budget_gb, "generate_s": round(t_gen, 1),
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores (shared)", "settings": rows}
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
+              "load_average": [round(load, 2), round(os.getloadavg()[0], 2)], "settings": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(report))

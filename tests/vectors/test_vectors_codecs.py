@@ -31,7 +31,8 @@ def test_float_codecs_round_trip():
     f16 = make_codec("float16", 48)
     assert np.array_equal(f16.decode(f16.encode(x)), x.astype(np.float16).astype(np.float32))
     q = vectors(5, seed=1)
-    np.testing.assert_allclose(f16.score(q, f16.encode(x)), q @ x.astype(np.float16).astype(np.float32).T, rtol=1e-6)
+    np.testing.assert_allclose(f16.score(q, f16.encode(x)), q @ x.astype(np.float16).astype(np.float32).T, rtol=1e-6,
+                               atol=1e-7)  # scores near 0: the product's summation order shows
 
 
 @pytest.mark.parametrize("ranges", ["per-dimension", "global"])
@@ -74,11 +75,29 @@ def test_int8_constant_dimension_decodes_to_its_value():
 def test_int8_score_is_the_query_against_the_dequantised_rows(monkeypatch):
     import e5v.vectors.codecs as codecs
 
-    monkeypatch.setattr(codecs, "CHUNK", 7)  # several conversion chunks, one shorter at the end
+    monkeypatch.setattr(codecs, "CONVERT_BYTES", 7 * 48 * 4)  # several conversion chunks, one shorter at the end
     x, q = vectors(100), vectors(4, seed=2)
     codec = Int8Codec(48).fit(x)
     codes = codec.encode(x)
     np.testing.assert_allclose(codec.score(q, codes), q @ codec.decode(codes).T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_scores_do_not_depend_on_the_conversion_block(monkeypatch, precision):
+    """float16 and int8 codes are converted to float32 a few rows at a time: any block size gives the product with
+    the decoded rows, for a single query and for a batch."""
+    import e5v.vectors.codecs as codecs
+
+    x = vectors(100)
+    codec = make_codec(precision, 48).fit(x)
+    codes = codec.encode(x)
+    for q in (vectors(1, seed=7), vectors(9, seed=8)):
+        want = q @ codec.decode(codes).T
+        for rows in (1, 7, 100, 1000):
+            monkeypatch.setattr(codecs, "CONVERT_BYTES", rows * 48 * 4)
+            got = codec.score(q, codes)
+            assert got.shape == want.shape and got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_int8_needs_calibration():
