@@ -279,3 +279,10 @@ def test_demo_indexes_queries_reports_and_writes_a_page(tmp_path, capsys):
     assert claim["gallery 0 (held-out)"]["after stage C (shipped)"] == figures["with prompts"]
     assert len(re.findall(r"^ .*(before stage C|after stage C \(shipped\)|shuffled-pairs control) +text->image",
                           text, re.MULTILINE)) == 6
+
+    # the same folder again with a smaller gallery (the documented `e5v demo --scenes 100` after `e5v demo`): the
+    # demo's own index and pictures of the earlier gallery are replaced, not refused or mixed in
+    assert main(["demo", "--out", str(out), "--scenes", "20"]) == 0
+    again = capsys.readouterr()
+    assert "index: 20 pictures" in again.out and "nan" not in again.out and "Loading weights" not in again.err
+    assert sorted(p.name for p in (out / "gallery").iterdir()) == demo.gallery_names(measure.gallery(20))

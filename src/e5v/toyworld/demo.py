@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -67,6 +68,7 @@ def run_demo(out, *, model: str = str(MINI), scenes: int = 200, top: int = 5, se
 
 def index_gallery(out: Path, scenes: int, model: str):
     """(gallery, index): ``scenes`` held-out scenes drawn into ``out/gallery`` and indexed into ``out/index``."""
+    from ..config import EngineConfig
     from ..errors import E5VError
     from ..store import build_index, open_index
     from .measure import gallery
@@ -75,17 +77,36 @@ def index_gallery(out: Path, scenes: int, model: str):
     pics.mkdir(parents=True, exist_ok=True)
     (out / "queries").mkdir(exist_ok=True)
     g = gallery(scenes)
-    for name, image in zip(gallery_names(g), g.images):
+    names = gallery_names(g)
+    for stale in set(p.name for p in pics.glob("[0-9][0-9][0-9]-*.png")) - set(names):
+        (pics / stale).unlink()  # a larger gallery of an earlier run in the same folder
+    for name, image in zip(names, g.images):
         if not (pics / name).exists():
             image.save(pics / name)
     print(f"gallery: {len(g.scenes)} held-out scenes in {pics}")
-    summary = build_index(pics, out / "index", model=model, progress=False)
+    if (out / "index").is_dir() and _holds_other_gallery(out / "index", names):
+        shutil.rmtree(out / "index")  # the demo's own index of an earlier gallery: rebuilt for this one
+    config = EngineConfig(model=model, device="cpu", dtype="float32")  # as the queries are embedded
+    summary = build_index(pics, out / "index", config=config, progress=False)
     if summary.skipped:
         raise E5VError(f"{len(summary.skipped)} gallery pictures could not be indexed, e.g. "
                        f"{summary.skipped[0]['item']}: {summary.skipped[0]['reason']}")
     index = open_index(out / "index")
     print(f"index: {index.count} pictures in {index.path}")
     return g, index
+
+
+def _holds_other_gallery(folder: Path, names: list[str]) -> bool:
+    """Whether the index in ``folder`` was built from other pictures than ``names`` (an unreadable one is left to
+    the build, which says what is wrong with it)."""
+    from ..errors import E5VError
+    from ..store import open_index
+
+    try:
+        held = {Path(i).name for i in open_index(folder).ids()}
+    except E5VError:
+        return False
+    return held != set(names)
 
 
 def gallery_names(g) -> list[str]:
