@@ -26,6 +26,7 @@ import numpy as np
 import torch  # noqa: F401  the codecs convert float16 / int8 chunks with torch: imported before RSS is measured
 
 from e5v.vectors import make_codec, merge_topk, search, unit_rows
+from e5v.vectors.retrieval import default_candidates
 
 #: rows generated, encoded and written per step
 CHUNK = 16384
@@ -187,7 +188,8 @@ def render(report: dict) -> str:
              f"{report['machine']}, load average {report['load_average'][0]:.1f} before the measurements and "
              f"{report['load_average'][1]:.1f} after (other people's processes); exact top-{K} over memory-mapped "
              "codes with the codes in the page cache; "
-             f"re-scoring reads the top {max(10 * K, 100)} candidates' rows from the float16 copy (memory-mapped). "
+             f"re-scoring reads the top {default_candidates(K)} candidates' rows from the float16 copy "
+             "(memory-mapped). "
              "Recall against exact float32 search over the same rows, "
              f"{report['queries']} queries. Rows marked * were measured on fewer rows (their codes exceed the "
              f"{report['scan_budget_gb']} GB scan budget) and scaled linearly to {n:,} (exact search is linear in "
@@ -210,8 +212,8 @@ def render(report: dict) -> str:
                      f"{r['recall@10']:.3f} |")
     lines += ["", "#### 100 M vectors, by arithmetic", "",
               "Memory for an exact scan = bytes/vector x 100 M; the float16 re-scoring copy stays on disk (only the "
-              f"{max(10 * K, 100)} candidates' rows per query are read). Latency = the measured p50 x (100 M / rows "
-              "measured): a scan reads every code once (one machine, these cores).", "",
+              f"{default_candidates(K)} candidates' rows per query are read). Latency = the measured p50 x "
+              "(100 M / rows measured): a scan reads every code once (one machine, these cores).", "",
               "| setting | codes in memory | float16 copy on disk | single query | batch of 64 |",
               "|---|---|---|---|---|"]
     for r in report["settings"]:
@@ -253,17 +255,21 @@ def main() -> None:
     print(f"building {args.n:,} x {args.dim} in {args.folder}; rows per setting: "
           + ", ".join(f"{p}{'+rescore' if r else ''} {s:,}" for (p, r), s in sizes.items()))
     t0 = time.perf_counter()
-    codecs, build_s, truth, t_gen = build(args, world, args.folder, sizes, queries)
-    print(f"generated in {t_gen:.0f} s, built in {time.perf_counter() - t0:.0f} s")
-    rows, load = [], os.getloadavg()[0]
-    for precision, rescore in SETTINGS:
-        r = measure(args, args.folder, codecs, precision, rescore, sizes[(precision, rescore)], queries, truth)
-        # build time of what this setting stores: its codes, and the float16 copy when it re-scores
-        r["build_s"] = round(build_s[precision] + (build_s["float16"] if rescore else 0), 2)
-        print(f"  {precision}{' + rescore' if rescore else ''}: single p50 {r['single']['p50_ms']:.0f} ms, "
-              f"batch64 p50 {r['batch64']['p50_ms']:.0f} ms, R@10 {r['recall@10']:.3f}, "
-              f"RSS {gb(r['rss_while_searching_bytes'])}", flush=True)
-        rows.append(r)
+    try:  # the scratch folder holds ~17 GB at the defaults: gone on any exit, unless --keep
+        codecs, build_s, truth, t_gen = build(args, world, args.folder, sizes, queries)
+        print(f"generated in {t_gen:.0f} s, built in {time.perf_counter() - t0:.0f} s")
+        rows, load = [], os.getloadavg()[0]
+        for precision, rescore in SETTINGS:
+            r = measure(args, args.folder, codecs, precision, rescore, sizes[(precision, rescore)], queries, truth)
+            # build time of what this setting stores: its codes, and the float16 copy when it re-scores
+            r["build_s"] = round(build_s[precision] + (build_s["float16"] if rescore else 0), 2)
+            print(f"  {precision}{' + rescore' if rescore else ''}: single p50 {r['single']['p50_ms']:.0f} ms, "
+                  f"batch64 p50 {r['batch64']['p50_ms']:.0f} ms, R@10 {r['recall@10']:.3f}, "
+                  f"RSS {gb(r['rss_while_searching_bytes'])}", flush=True)
+            rows.append(r)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.folder, ignore_errors=True)
     report = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "spread": args.spread, "offset": args.offset,
               "queries": args.queries, "scan_budget_gb": args.scan_budget_gb, "generate_s": round(t_gen, 1),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
@@ -272,8 +278,6 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(report))
     print(render(report))
-    if not args.keep:
-        shutil.rmtree(args.folder)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from e5v.cli import main as e5v
 from e5v.toyworld import MINI
+from e5v.toyworld.demo import gallery_names
 from e5v.toyworld.measure import gallery
 
 
@@ -24,10 +25,10 @@ def run(out: Path, scenes: int, dims: list[int]) -> None:
     g = gallery(scenes)
     pics = out / "gallery"
     pics.mkdir(exist_ok=True)
-    names = []
-    for i, (scene, image) in enumerate(zip(g.scenes, g.images)):
-        names.append(f"{i:04d}-{scene.id}.png")
-        image.save(pics / names[-1])
+    names = gallery_names(g)
+    for name, image in zip(names, g.images):
+        if not (pics / name).exists():
+            image.save(pics / name)
     (out / "captions.txt").write_text("\n".join(g.plain) + "\n")
     (out / "captions.jsonl").write_text("".join(json.dumps({"id": f"cap{i:04d}", "text": t}) + "\n"
                                                 for i, t in enumerate(g.plain)))

@@ -2,8 +2,8 @@
 # Set up e5v on a fresh machine, in a virtual environment in .venv:
 #   bash scripts/setup.sh          the runtime: torch pinned first (an unpinned torch would pull a multi-GB CUDA
 #                                  build on a CPU machine), then e5v and its dependencies
-#   bash scripts/setup.sh --test   the runtime and the test set: pytest, httpx, ruff, and DeepSpeed, MTEB and
-#                                  TensorBoard (their integrations are tested for real); about 0.4 GB more
+#   bash scripts/setup.sh --test   the runtime and the test set: pytest, httpx, ruff, and DeepSpeed, MTEB,
+#                                  TensorBoard, Lance and DuckDB (their integrations are tested for real)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEST=0

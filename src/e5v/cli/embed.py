@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--texts", help="text file (one text per line) or JSONL with a 'text' field")
-    src.add_argument("--images", help="image file, folder (recursive), glob, or manifest (.jsonl/.csv/.txt)")
+    src.add_argument("--images", help="image file, folder (recursive), glob, or manifest (.jsonl/.csv/.parquet/.txt)")
     src.add_argument("--pairs", help="JSONL with 'image' and 'text' (composed queries)")
     p.add_argument("--task", help="cirr or fashioniq-{dress,shirt,toptee}: composed query prompt for --pairs, "
                                   "gallery prompt for --images")

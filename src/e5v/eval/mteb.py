@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from .. import prompts
-from ..config import EngineConfig
 from ..encoder import E5V
 from ..items import Item
 
@@ -53,8 +52,8 @@ class E5VMTEB:
         if isinstance(model_name, E5V):
             self.model, self.name = model_name, getattr(model_name.backbone, "path", "") or "e5v"
         else:
-            config = EngineConfig(model=model_name, revision=revision, device=device, dtype=dtype, adapter=adapter)
-            self.model = E5V.from_pretrained(config=config.replace(**engine_options))
+            self.model = E5V.from_pretrained(model_name, revision=revision, device=device, dtype=dtype, adapter=adapter,
+                                             **engine_options)
             self.name = model_name
         self.revision = revision
         self.prompts = {"text": text_prompt, "image": image_prompt, "composed": composed_prompt}
