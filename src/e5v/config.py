@@ -41,10 +41,15 @@ def count(minimum: int = 1):
     return parse
 
 
-def _option(default, help: str, *, flag: str | None = None, vectors: bool = False, **argparse_options):
-    """A field of :class:`EngineConfig`: its default, its CLI flag (``--`` + the name with dashes unless
-    ``flag``), and whether it changes the vectors."""
-    return field(default=default, metadata={"help": help, "flag": flag, "vectors": vectors, "cli": argparse_options})
+def _option(default, help: str | None = None, *, flag: str | None = None, vectors: bool = False,
+            engine: bool = False, **argparse_options):
+    """A field of :class:`EngineConfig`: its default; with ``help`` its CLI flag (``--`` + the name with dashes
+    unless ``flag``); whether it changes the vectors; whether it is an option of the
+    :class:`~e5v.encoder.E5V` constructor (``engine``; the others load the backbone)."""
+    metadata: dict[str, Any] = {"vectors": vectors, "engine": engine}
+    if help is not None:
+        metadata.update(help=help, flag=flag, cli=argparse_options)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -58,23 +63,24 @@ class EngineConfig:
                                  "official recipe, fp32 on CPU)", vectors=True)
     chat_format: str | None = _option(None, "override the detected one (raw: no chat turn, the prompt as it is)",
                                       vectors=True, choices=CHAT_FORMATS)
-    max_batch_tokens: int = _option(16384, "padded tokens per forward pass", type=count())
-    max_batch_size: int = _option(256, "inputs per forward pass", type=count())
+    max_batch_tokens: int = _option(16384, "padded tokens per forward pass", engine=True, type=count())
+    max_batch_size: int = _option(256, "inputs per forward pass", engine=True, type=count())
     max_length: int | None = _option(None, "token limit per input; longer texts are truncated", vectors=True,
-                                     type=count())
+                                     engine=True, type=count())
     num_workers: int = _option(0, "preprocessing worker processes, overlapped with the model (default 0: in the "
-                                  "main process)", flag="--workers", type=count(0))
+                                  "main process)", flag="--workers", engine=True, type=count(0))
     packing: bool | str = _option("auto", "padding-free batches (auto: only under FlashAttention or FlexAttention; "
-                                          "same vectors)", choices=tuple(PACKING), type=str)
-    group_lengths: bool = _option(False, "batches of one length only (unmasked SDPA kernels; same vectors)")
+                                          "same vectors)", engine=True, choices=tuple(PACKING))
+    group_lengths: bool = _option(False, "batches of one length only (unmasked SDPA kernels; same vectors)",
+                                  engine=True)
     anyres_max_tiles: int | None = _option(None, "speed option, a deviation from the official recipe: at most K "
                                                  "AnyRes grid tiles per image", vectors=True, type=count())
     attn_implementation: str | None = _option(None, "sdpa, eager, flash_attention_2, flex_attention")
     revision: str | None = None  # hub options: not CLI flags
     local_files_only: bool | None = None
-    window: int | None = None  # engine options the CLI leaves at their defaults
-    max_pixels: int | None = None
-    alpha: str = "white"
+    window: int | None = _option(None, engine=True)  # engine options the CLI leaves at their defaults
+    max_pixels: int | None = _option(None, engine=True)
+    alpha: str = _option("white", vectors=True, engine=True)  # "official" for the evaluation protocols
 
     # --- the CLI --------------------------------------------------------------------------------------------
     @classmethod
@@ -93,8 +99,7 @@ class EngineConfig:
             if f.type in ("bool", bool):
                 options["action"] = "store_true"
             else:
-                options["default"] = {True: "on", False: "off"}.get(f.default, f.default) \
-                    if f.name == "packing" else f.default
+                options["default"] = f.default
                 options.update(meta["cli"])
                 if "choices" not in options:
                     options["metavar"] = flag[2:].replace("-", "_").upper()
@@ -106,7 +111,7 @@ class EngineConfig:
         values = {f.name: getattr(args, f.name) for f in cls.cli_fields() if hasattr(args, f.name)}
         if isinstance(values.get("packing"), str):
             values["packing"] = PACKING.get(values["packing"], values["packing"])
-        return cls(**{**values, **overrides})
+        return cls(**values).replace(**overrides)
 
     # --- what it means -----------------------------------------------------------------------------------
     def replace(self, **changes) -> "EngineConfig":
@@ -116,11 +121,8 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
     def engine_options(self) -> dict:
-        """The options of the :class:`~e5v.encoder.E5V` constructor."""
-        return {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
-                "window": self.window, "max_length": self.max_length, "max_pixels": self.max_pixels,
-                "num_workers": self.num_workers, "packing": self.packing, "group_lengths": self.group_lengths,
-                "alpha": self.alpha}
+        """The options of the :class:`~e5v.encoder.E5V` constructor (the fields marked ``engine``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("engine")}
 
     def vector_settings(self) -> dict:
         """The settings that change the vectors, as recorded beside them: checkpoints as absolute paths (hub ids
@@ -134,7 +136,6 @@ class EngineConfig:
         out["model"], out["adapter"] = checkpoint_path(self.model), checkpoint_path(self.adapter)
         out["weights"] = {"model": checkpoint_files(self.model), "adapter": checkpoint_files(self.adapter)}
         out["dtype"] = dtype_name(self.dtype, self.device)
-        out["alpha"] = self.alpha
         return out
 
 

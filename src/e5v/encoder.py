@@ -32,15 +32,20 @@ from .prepare import Preparer, Prepared, check_prompt
 
 log = logging.getLogger(__name__)
 
+_DEFAULTS = EngineConfig()  # the constructor's defaults are the configuration's
+
 
 class E5V:
     """A multimodal LLM used as a universal embedding model (texts, images and image+text in one space)."""
 
-    def __init__(self, backbone: Backbone, *, max_batch_tokens: int = 16384, max_batch_size: int = 256,
-                 window: int | None = None, max_length: int | None = None, max_pixels: int | None = None,
-                 num_workers: int = 0, packing: bool | str = "auto", group_lengths: bool = False,
-                 alpha: str = "white"):
-        """``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
+    def __init__(self, backbone: Backbone, *, max_batch_tokens: int = _DEFAULTS.max_batch_tokens,
+                 max_batch_size: int = _DEFAULTS.max_batch_size, window: int | None = _DEFAULTS.window,
+                 max_length: int | None = _DEFAULTS.max_length, max_pixels: int | None = _DEFAULTS.max_pixels,
+                 num_workers: int = _DEFAULTS.num_workers, packing: bool | str = _DEFAULTS.packing,
+                 group_lengths: bool = _DEFAULTS.group_lengths, alpha: str = _DEFAULTS.alpha):
+        """The defaults are :class:`~e5v.config.EngineConfig`'s.
+
+        ``window``: items prepared, sorted by length and batched together; it bounds host memory (prepared
         images hold their pixel tensors, up to ~7 MB each at full AnyRes). Default: 4096 texts, 128 images.
 
         ``num_workers``: preprocess in that many spawned processes, one window ahead of the model (0: in this
@@ -294,3 +299,19 @@ class E5V:
     def run_batch(self, feats: list[Features], *, packed: bool = False, normalize: bool = True) -> np.ndarray:
         """One forward pass of the backbone on a batch (see :func:`e5v.batching.forward`)."""
         return batching.forward(self.backbone, feats, packed=packed, normalize=normalize)
+
+
+def load_engine(config: EngineConfig, progress: bool = True) -> E5V:
+    """The engine of ``config``; without ``progress`` quietly: the weight-loading bar is hidden while it loads
+    (and shown again afterwards if it was)."""
+    if progress:
+        return E5V.from_pretrained(config=config)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return E5V.from_pretrained(config=config)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

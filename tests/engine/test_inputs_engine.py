@@ -17,15 +17,13 @@ from e5v.items import Item
 from e5v.errors import BatchInputError, ConfigError
 
 from support import TEXTS
+from support.serve import Panic
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_dirs):
-    return E5V.from_pretrained(str(tiny_dirs["e5v-like"]), device="cpu", dtype="float32")
-
-
-class Panic(BaseException):
-    """Like tokenizers' PanicException, which is a BaseException, not an Exception."""
+def model_dir(tiny_dirs):
+    """The e5v-like tiny checkpoint; conftest's ``engine`` fixture loads it for this module."""
+    return str(tiny_dirs["e5v-like"])
 
 
 def reasons(res):

@@ -27,11 +27,6 @@ class KillsTheWorker:
         return os._exit, (3,)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_dirs):
-    return E5V.from_pretrained(str(tiny_dirs["llava-next-llama3"]), device="cpu", dtype="float32")
-
-
 def embed_all(m, images, bad_path):
     pairs = list(zip(images[:3], ["is red", "has two dogs", "zoomed out"]))
     return (m.embed(TEXTS[:2] + ["   "] + TEXTS[2:], prompt=prompts.TEXT),

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from e5v import E5V, Item, prompts
-from e5v.serve.app import Settings, create_app
+from e5v.serve.app import create_app
+from e5v.serve.service import Settings
 from e5v.serve.limits import Limits
 from e5v.serve.server import free_port, running
 from support.serve import data_uri, image_part, png
@@ -344,6 +345,43 @@ def test_an_index_of_the_served_checkpoint_is_not_reported_as_another_model(tmp_
     warning = index_mismatch({"model": "royokong/e5-v", "adapter": None}, args)
     assert warning is not None and "built with royokong/e5-v" in warning and "embedded with ckpt" in warning
     assert index_mismatch({"model": os.path.abspath("ckpt"), "adapter": "/elsewhere/lora"}, args) is not None
+
+
+def test_the_search_pages_files_are_served(model, server):
+    """The page's script and style sheet come with their types; ``/static`` is mounted on the app itself, since
+    ``include_router`` drops a router's mounts in some FastAPI versions the project allows."""
+    from starlette.routing import Mount
+
+    from e5v.serve.routes.search import STATIC
+
+    for name, kind in (("search.js", "javascript"), ("search.css", "text/css")):
+        r = server.get(f"/static/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"], (name, r.status_code, r.headers)
+        assert r.content == (STATIC / name).read_bytes()
+    app = create_app(model, Settings(model_name="tiny-e5v"))
+    assert [r.path for r in app.router.routes if isinstance(r, Mount)] == ["/static"]
+
+
+def test_the_engine_refuses_no_image_that_max_pixels_allows(tiny_dirs, monkeypatch):
+    """`e5v serve --max-pixels N` sets the engine's limit too (not its default): an image of N pixels is embedded
+    through the server, one pixel row more is refused by the request checks and by the engine alike."""
+    from e5v.cli import build_parser
+    from e5v.cli.serve import serve_config, serve_settings
+    from e5v.errors import BatchInputError
+
+    monkeypatch.delenv("E5V_API_KEY", raising=False)
+    args = build_parser().parse_args(["serve", "--model", str(tiny_dirs["e5v-like"]), "--max-pixels", "4096"])
+    settings, engine = serve_settings(args), E5V.from_pretrained(config=serve_config(args))
+    fits, over = Image.new("RGB", (64, 64), (200, 40, 40)), Image.new("RGB", (64, 65), (200, 40, 40))
+    assert settings.limits.max_pixels == 4096
+    with pytest.raises(BatchInputError, match="max_pixels 4096"):
+        engine.encode_image(over)
+    with running(create_app(engine, settings)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/embeddings", json={"input": [[image_part(data_uri(png(fits)))]]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(vectors(r), engine.encode_image(fits), atol=1e-5)
+        r = c.post("/v1/embeddings", json={"input": [[image_part(data_uri(png(over)))]]})
+        assert r.status_code in (400, 413) and "4096" in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.slow

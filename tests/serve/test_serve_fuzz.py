@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from e5v import E5V
-from e5v.serve.app import Settings, create_app
+from e5v.serve.app import create_app
+from e5v.serve.service import Settings
 from e5v.serve.limits import Limits
 from e5v.serve.server import running
 from support.serve import data_uri, image_part, png, poison_preparation
@@ -244,7 +245,7 @@ def test_fuzz_the_server(model, pool, monkeypatch):
         with httpx.Client(base_url=url, timeout=60) as c:  # after the storm: still the engine's vectors
             after = c.post("/v1/embeddings", json={"input": TEXTS}).json()
             imgs = c.post("/v1/embeddings", json={"input": [[image_part(u)] for u in pool["uris"]]}).json()
-        assert app.state.pixels.used == 0 and app.state.batcher.queued_items == 0
+        assert app.state.service.pixels.used == 0 and app.state.service.batcher.queued_items == 0
     merged = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
               if line.startswith(('e5v_batch_items_bucket{le="4"}', 'e5v_batch_items_count'))]
     total = sum(statuses.values())

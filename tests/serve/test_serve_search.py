@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from e5v import E5V, prompts
 from e5v.cli import main as e5v_main
-from e5v.serve.app import Settings, create_app
+from e5v.serve.app import create_app
+from e5v.serve.service import Settings
 from e5v.serve.server import running
 from e5v.store import open_index
 
@@ -225,6 +226,38 @@ SETTLED = """(() => { const r = document.getElementById("results");
 def shown(browser: Browser, kind: str) -> dict:
     browser.wait_for(SETTLED % json.dumps(kind))
     return browser.js(STATE)
+
+
+def test_queries_are_embedded_as_the_index_was_built(tmp_path, tiny_dirs, model, monkeypatch):
+    """`e5v serve --index` takes the vector options its flags leave open from the index, as `e5v search` does: an
+    index built with --max-length 32, served without --max-length, gets queries truncated at 32 tokens too (a long
+    stored text finds itself at score 1). The same --model is no mismatch."""
+    from e5v.cli import build_parser
+    from e5v.cli.serve import index_mismatch, serve_config, serve_settings
+
+    monkeypatch.delenv("E5V_API_KEY", raising=False)
+    long = "a red circle on a pale background beside a small green square and a blue triangle under a tree"
+    source = tmp_path / "texts.jsonl"
+    source.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n"
+                              for i, t in enumerate([long, "a cat sleeps", "the stock market fell"])))
+    ckpt, out = str(tiny_dirs["e5v-like"]), tmp_path / "index"
+    assert e5v_main(["index", "build", str(source), "--model", ckpt, "--max-length", "32", "--out", str(out),
+                     "--no-progress"]) == 0
+    index = open_index(out)
+    args = build_parser().parse_args(["serve", "--model", ckpt, "--index", str(out)])
+    config = serve_config(args, index)
+    assert config.max_length == 32 and index_mismatch(index.info, config) is None
+    truncated = E5V(model.backbone, max_length=32).encode_text([long])
+    assert not np.allclose(truncated, model.encode_text([long]), atol=1e-3)  # the limit changes this vector
+    with running(create_app(E5V.from_pretrained(config=config), serve_settings(args), index)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/embeddings", json={"input": [long]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose([r.json()["data"][0]["embedding"]], truncated, atol=1e-5)
+        r = client.post("/v1/search", json={"text": long, "k": 1})
+        assert r.status_code == 200, r.text
+        hit = r.json()["data"][0]
+        assert hit["id"] == "t0" and hit["score"] == pytest.approx(1.0, abs=1e-4), hit
 
 
 @pytest.mark.browser

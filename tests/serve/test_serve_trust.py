@@ -22,7 +22,8 @@ import pytest
 from PIL import EpsImagePlugin, Image
 
 from e5v import E5V
-from e5v.serve.app import Settings, create_app
+from e5v.serve.app import create_app
+from e5v.serve.service import Settings
 from e5v.serve.limits import Limits
 from e5v.serve.server import free_port, running
 from support.serve import data_uri, image_part, png, poison_preparation
@@ -203,12 +204,12 @@ def test_decoded_pixels_are_budgeted_per_request_and_across_the_queue(model, mon
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         r = post(client, {"input": [[image_part(small)], [image_part(big)]]})  # 1,000,064 pixels > 1,000,000
         assert r.status_code == 413 and "input[1][0]: the request's images hold 1000064 pixels" in r.text, r.text
-        assert decoded == [] and app.state.pixels.used == 0
+        assert decoded == [] and app.state.service.pixels.used == 0
         monkeypatch.setattr(model, "run_batch", held)
         with ThreadPoolExecutor(1) as ex:
             first = ex.submit(post, client, {"input": [[image_part(big)]]})
             assert in_pass.wait(30)
-            assert app.state.pixels.used == 1_000_000
+            assert app.state.service.pixels.used == 1_000_000
             r = post(client, {"input": [[image_part(small)]]})
             assert r.status_code == 503 and "too many image pixels" in r.json()["error"]["message"], r.text
             release.set()
@@ -216,7 +217,7 @@ def test_decoded_pixels_are_budgeted_per_request_and_across_the_queue(model, mon
         monkeypatch.setattr(model, "run_batch", real_batch)
         np.testing.assert_allclose(vectors(post(client, {"input": [[image_part(small)]]})),
                                    model.encode_image([Image.new("RGB", (8, 8), "blue")]), atol=1e-5)
-        assert app.state.pixels.used == 0
+        assert app.state.service.pixels.used == 0
 
 
 def vm(pid: int) -> dict[str, int]:
@@ -325,7 +326,7 @@ def test_header_and_keep_alive_timeouts_and_busy_cap(model):
         return real_batch(feats, **kw)
 
     app = create_app(model, Settings(model_name="tiny", limits=LIMITS, body_timeout=1.0))
-    batcher, arrived = app.state.batcher, []
+    batcher, arrived = app.state.service.batcher, []
     real_embed = batcher.embed
 
     async def counting_embed(*args, **kwargs):  # a request that reaches the batcher is busy on its connection

@@ -14,11 +14,13 @@ import e5v.store.index as store_index
 from e5v import E5V, prompts
 from e5v.cli import main
 from e5v.errors import ConfigError, IndexDamagedError
-from e5v.serve.app import Settings, create_app
+from e5v.serve.app import create_app
+from e5v.serve.service import Settings
 from e5v.serve.server import running
 from e5v.store import build_index, embed_query, open_index
 from e5v.store.ann import build_ann
 from e5v.store.codes import update_codes
+from e5v.store.layout import digest
 from e5v.store.repair import repair, verify
 from e5v.toyworld import MINI
 from e5v.toyworld.measure import gallery as toy_gallery
@@ -232,3 +234,133 @@ def test_codes_precision_names_are_checked(toy):
     with pytest.raises(ConfigError, match="precision must be one of"):
         build(toy, "bad", precision="int4")
     assert make_codec("binary", DIMS).bytes_per_vector == 3
+
+
+def test_an_interrupted_refit_is_damage_that_repair_fits_again_to_the_manifest(toy, monkeypatch):
+    """A re-fit killed after writing the new transform (and codes) but before the manifest: the transform disagrees
+    with the manifest's dims and width, which opening reports as damage and repair fits again to the manifest's
+    settings."""
+    import e5v.store.codes as store_codes
+
+    index = build(toy, "refit", precision="int8", dims=DIMS)
+    queries = toy["model"].encode_text(toy["captions"][:10], prompt=prompts.TEXT)
+
+    def killed(folder, manifest):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(store_codes, "write_manifest", killed)
+        with pytest.raises(KeyboardInterrupt):
+            update_codes(index.path, precision="int8", dims=16)
+    assert json.loads((index.path / "codes" / "pca.json").read_text())["dims"] == 16
+    with pytest.raises(IndexDamagedError, match="does not match the manifest; `e5v index repair`"):
+        open_index(index.path).transform()
+    assert not verify(index.path).ok
+    repair(index.path, progress=False)
+    assert verify(index.path).ok
+    repaired = open_index(index.path)
+    assert repaired.info["codes"]["dims"] == DIMS and repaired.transform()[1].dims == DIMS
+    assert repaired.transform()[0].dim == DIMS and repaired.codes(0).shape == (25, DIMS)
+    assert ids(repaired.search(queries, 3)) == ids(repaired.search(queries, 3, exact=True))
+
+
+def test_codes_of_another_width_with_a_matching_checksum_are_damage(toy):
+    index = build(toy, "width", precision="int8", dims=DIMS)
+    path = index.path / "codes" / "part-000001.npy"
+    np.save(path, np.zeros((25, 16), np.int8))
+    manifest = json.loads((index.path / "manifest.json").read_text())
+    manifest["codes"]["parts"][1]["sha256"] = digest(path)
+    (index.path / "manifest.json").write_text(json.dumps(manifest))
+    queries = toy["model"].encode_text(toy["captions"][:2], prompt=prompts.TEXT)
+    with pytest.raises(IndexDamagedError, match="do not fit a int8 codec of width 24.*`e5v index repair`"):
+        open_index(index.path).search(queries, 1)
+
+
+def test_codes_are_not_made_beside_an_approximate_index(toy):
+    """Rerunning a finished build with int8 on an index that has an HNSW index: refused before anything is
+    written, and the index stays searchable and extendable."""
+    index = build(toy, "hnsw", precision="float16", ann={"m": 8})
+    before = (index.path / "manifest.json").read_text()
+    with pytest.raises(ConfigError, match="approximate index; search codes are not made beside it"):
+        build(toy, "hnsw", precision="int8")
+    with pytest.raises(ConfigError, match="approximate index"):
+        update_codes(index.path, precision="binary", dims=DIMS)
+    assert (index.path / "manifest.json").read_text() == before and not (index.path / "codes").exists()
+    assert main(["index", "add", str(index.path), str(toy["root"] / "more"), "--no-progress"]) == 0
+    assert open_index(index.path).info["search"] == "hnsw" and open_index(index.path).count == 80
+
+
+def test_float_codes_of_the_full_width_are_not_made(toy, plain_index):
+    """--dims of the vectors' width (or more) with a float precision: no PCA, so no codes (a second copy of the
+    stored vectors); the index is searched exactly, as the plain one."""
+    index = build(toy, "fullwidth", precision="float16", dims=128)
+    assert index.info["codes"] is None and index.info["search"] == "exact"
+    assert not (index.path / "codes").exists()
+    with pytest.raises(ConfigError, match="would copy the stored vectors"):
+        update_codes(index.path, precision="float32")
+    assert not (index.path / "codes").exists()
+    assert build(toy, "fullwidth-int8", precision="int8", dims=500).info["codes"]["dims"] is None
+
+
+def test_repair_hashes_each_code_file_once(toy, monkeypatch):
+    import e5v.store.codes as store_codes
+
+    index = build(toy, "hashes", precision="int8")
+    hashed = []
+
+    def counting(path):
+        hashed.append(path.name)
+        return digest(path)
+
+    monkeypatch.setattr(store_codes, "digest", counting)
+    report, _ = repair(index.path, progress=False)
+    assert report.ok and sorted(hashed) == ["part-000000.npy", "part-000001.npy", "part-000002.npy"]
+
+
+def test_add_update_encodes_the_rewritten_partition_once(toy, tmp_path, monkeypatch):
+    import shutil
+
+    import e5v.store.codes as store_codes
+    from e5v.store import add_to_index
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(30):
+        shutil.copy(toy["root"] / "pics" / f"{i:03d}.png", pics / f"{i:03d}.png")
+    build_index(pics, tmp_path / "upd", model=str(MINI), precision="int8", part_size=25, progress=False)
+    shutil.copy(toy["root"] / "more" / "070.png", pics / "027.png")  # another picture under the same name
+    runs = []
+    real = store_codes.code_problems
+    monkeypatch.setattr(store_codes, "code_problems", lambda *a, **k: runs.append(1) or real(*a, **k))
+    summary = add_to_index(tmp_path / "upd", pics, update=True, progress=False)
+    assert summary.updated == 1 and len(runs) == 1
+    index = open_index(tmp_path / "upd")
+    assert index.info["codes"]["coded"] == 30 and verify(index.path).ok
+    vec = embed_query(toy["model"], index.info, image=str(pics / "027.png"))
+    assert index.search(vec, 1)[0][0].id == "027.png"
+
+
+def test_a_rerun_that_fits_codes_reports_them(toy, capsys):
+    index = build(toy, "later", precision="float16")
+    assert main(["index", "build", str(toy["root"] / "pics"), "--out", str(index.path), "--model", str(MINI),
+                 "--part-size", "25", "--precision", "binary", "--dims", str(DIMS), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already holds this build (60 items)" in out and f"search codes: binary, {DIMS} dims (PCA" in out
+    assert open_index(index.path).info["codes"]["coded"] == 60
+
+
+def test_evaluate_takes_paths_with_equals_signs_and_explains_codes(toy, plain_index, tmp_path, monkeypatch, capsys):
+    queries = toy["model"].encode_text(toy["captions"][:20], prompt=prompts.TEXT)
+    (tmp_path / "run=1").mkdir()
+    np.save(tmp_path / "run=1" / "captions.npy", queries)
+    np.save(tmp_path / "a=b.npy", queries)
+    monkeypatch.chdir(tmp_path)
+    for spec, name in ((f"{tmp_path}/run=1/captions.npy", "captions"), ("t2i=run=1/captions.npy", "t2i"),
+                       ("a=b.npy", "a=b")):
+        assert main(["index", "evaluate", str(plain_index.path), "--queries", spec, "--precisions", "float32",
+                     "--json"]) == 0, spec
+        assert [r["queries"] for r in json.loads(capsys.readouterr().out)] == [name], spec
+    np.save(tmp_path / "codes.npy", make_codec("int8", 128).fit(queries).encode(queries))
+    assert main(["index", "evaluate", str(plain_index.path), "--queries", "codes.npy"]) == 2
+    err = capsys.readouterr().err
+    assert "holds int8 codes" in err and "needs float32 or float16 query vectors" in err

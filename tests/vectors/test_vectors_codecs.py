@@ -155,3 +155,26 @@ def test_codes_that_do_not_fit_the_codec_are_named():
     with pytest.raises(ConfigError, match=r"expected \(n, 6\) uint8"):
         codec.check_codes(np.zeros((3, 48), np.float32))
     codec.check_codes(np.zeros((3, 6), np.uint8))
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_read_only_memory_maps_score_where_dlpack_refuses_them(tmp_path, monkeypatch, precision):
+    """numpy before 2.1 cannot export a read-only array through DLPack (BufferError): scoring a read-only memory
+    map takes another way into torch, without a warning."""
+    import warnings
+
+    import torch
+
+    def numpy_before_2_1(array, *args, **kwargs):
+        raise BufferError("Cannot export readonly array since signalling readonly is unsupported by DLPack.")
+
+    monkeypatch.setattr(torch, "from_dlpack", numpy_before_2_1)
+    x, q = vectors(), vectors(5, seed=1)
+    codec = make_codec(precision, 48).fit(x)
+    np.save(tmp_path / "codes.npy", codec.encode(x))
+    codes = np.load(tmp_path / "codes.npy", mmap_mode="r")
+    assert not codes.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = codec.score(q, codes)
+    np.testing.assert_allclose(got, q @ codec.decode(codes).T, rtol=1e-5, atol=1e-5)

@@ -73,3 +73,24 @@ def test_bad_query_sets_are_refused():
         recall_rows(x, {"q": q[:, :10]})
     with pytest.raises(ConfigError, match="between 1 and 64"):
         recall_rows(x, {"q": q}, dims=[65])
+
+
+def test_an_index_s_own_float16_partitions_re_score_the_candidates():
+    """Rows over float16 partitions (as ``index evaluate`` passes them) give what a float16 array gives, and
+    re-score the candidates themselves (no float16 copy is made)."""
+    from e5v.vectors.retrieval import Parts, Rows
+
+    x, q = collection(300)
+    half = x.astype(np.float16)
+    want = recall_rows(half, {"q": q}, dims=[None, 16], sample=200)
+    opened = []
+
+    def partition(i):
+        opened.append(i)
+        return (half[:100], half[100:])[i]
+
+    stored = Rows(Parts([100, 200], partition))
+    got = recall_rows(half, {"q": q}, dims=[None, 16], sample=200, full=stored)
+    assert got == want and set(opened) == {0, 1}
+    with pytest.raises(ConfigError, match="re-scoring rows have shape"):
+        recall_rows(x, {"q": q}, full=half[:10])

@@ -171,3 +171,16 @@ def test_parts_open_only_what_a_read_needs_and_rows_read_like_one_array():
     assert np.array_equal(rows[18:47], x[18:47]) and np.array_equal(rows[np.array([49, 0, 30])], x[[49, 0, 30]])
     with pytest.raises(IndexError):
         vsearch.gather(parts, [50])
+
+
+def test_rescoring_puts_missing_candidates_last():
+    """A negative position (an approximate index that found fewer candidates) scores -inf and comes last."""
+    x = clustered()
+    q = x[:2] + 0.01
+    cand = np.array([[5, -1, 7, 3], [-1, -1, 9, 2]])
+    scores, pos = vsearch.rescore(q, cand, [x[:300], x[300:]], 4)
+    for row, c in enumerate(cand):
+        real = c[c >= 0]
+        want = real[np.argsort(-(x[real] @ q[row]), kind="stable")]
+        assert pos[row].tolist() == [*want.tolist(), *[-1] * (4 - len(real))]
+        assert np.isneginf(scores[row, len(real):]).all() and np.isfinite(scores[row, :len(real)]).all()

@@ -28,13 +28,9 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 def load_model(args: argparse.Namespace, **overrides):
     """The engine for the model flags (quietly with ``--no-progress``); ``overrides``: more engine options
     (``e5v eval`` sets the official protocols' ones)."""
-    if getattr(args, "no_progress", False):
-        from transformers.utils import logging as hf_logging
+    from ..encoder import load_engine
 
-        hf_logging.disable_progress_bar()  # the weight-loading bar
-    from ..encoder import E5V
-
-    return E5V.from_pretrained(config=engine_config(args, **overrides))
+    return load_engine(engine_config(args, **overrides), progress=not getattr(args, "no_progress", False))
 
 
 class _ItemRejections(logging.Filter):

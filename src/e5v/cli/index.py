@@ -10,8 +10,9 @@ import sys
 from .common import EXIT_SKIPPED, add_model_args, engine_config
 from ..errors import safe_text
 
-FROM_INDEX = ("Model options not given are the index's (--dtype auto included: the index's compute dtype), so that "
-              "the new vectors are made as the stored ones were; one that differs from the index's is refused.")
+FROM_INDEX = ("Model options not given are the index's, so that the new vectors are made as the stored ones were; "
+              "one that differs from the index's is refused. --dtype auto is this machine's choice: a compute dtype "
+              "or checkpoint files other than those the index recorded are warned about.")
 PQ_NOTE = ("Scalar quantisation only: product quantisation (PQ) loses the structure that separates a text query "
            "from image vectors, and cross-modal recall suffers.")
 
@@ -44,7 +45,8 @@ def _add_build(verbs) -> None:
                         "their place, with the vectors kept in float16 to re-score the top candidates exactly "
                         "(`e5v index evaluate` measures what each setting costs)")
     b.add_argument("--dims", type=int, help="search codes of this many dimensions: a PCA fitted on a sample of the "
-                                            "index, applied to every query")
+                                            "index, applied to every query (the vectors' width or more: no PCA, "
+                                            "and with float32 or float16 no search codes)")
     _add_job_args(b)
     b.add_argument("--ann", choices=["hnsw"], help="also build the approximate index when done")
     _add_ann_args(b)
@@ -178,7 +180,7 @@ def _report(args, folder: str, summary, *, add: bool) -> int:
     m = summary.manifest
     if summary.finished_before:
         print(f"{folder} already holds this build ({m['count']} items); nothing to do. "
-              f"Use `e5v index add {folder} SOURCE` for new items")
+              f"Use `e5v index add {folder} SOURCE` for new items{_codes_line(summary.codes) if summary.codes else ''}")
         return 0
     for s in summary.skipped[:20]:
         print(f"skipped {safe_text(s['item'])}: {safe_text(s['reason'])}", file=sys.stderr)
@@ -226,7 +228,8 @@ def _codes_line(entry: dict) -> str:
 
 
 def read_vectors(path: str):
-    """float32 vectors from a .npy or .safetensors file (as `e5v embed` writes them)."""
+    """float32 vectors from a .npy or .safetensors file (as `e5v embed` writes them); codes (int8, binary) are
+    refused with what to do instead."""
     import numpy as np
 
     if path.endswith(".safetensors"):
@@ -236,6 +239,10 @@ def read_vectors(path: str):
         vectors = tensors.get("embeddings", next(iter(tensors.values()), None))
     else:
         vectors = np.load(path, allow_pickle=False)
+    if vectors is not None and vectors.ndim == 2 and vectors.dtype.kind in "iu":
+        raise ValueError(f"{path}: holds {vectors.dtype} codes (as `e5v embed --precision int8|binary` writes "
+                         "them), not vectors; evaluate needs float32 or float16 query vectors: embed the queries "
+                         "without --precision int8|binary")
     if vectors is None or vectors.ndim != 2 or vectors.dtype.kind != "f":
         raise ValueError(f"{path}: expected a (n, dim) float array of vectors")
     return vectors.astype(np.float32)
@@ -319,13 +326,17 @@ def run_evaluate(args) -> int:
     index = open_index(args.index)
     queries = {}
     for spec in args.queries:
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name.split(".")[0], "", spec)
+        name, sep, path = spec.partition("=")
+        if not (sep and name and "/" not in name and not os.path.isfile(spec)):  # no NAME=: all of it is the file
+            name, path = Path(spec).name.split(".")[0], spec
         try:
             queries[name] = read_vectors(path)
         except (OSError, ValueError) as exc:
             print(f"e5v index evaluate: error: {exc}", file=sys.stderr)
             return 2
-    rows = recall_rows(Rows(index.stored), queries, precisions=args.precisions, dims=[None, *args.dims])
+    stored = Rows(index.stored)  # read a chunk at a time; float16 partitions re-score candidates as they are
+    rows = recall_rows(stored, queries, precisions=args.precisions, dims=[None, *args.dims],
+                       full=stored if index.manifest["precision"] == "float16" else None)
     table = render_markdown(rows)
     if args.out:
         Path(args.out).write_text(table)
@@ -364,7 +375,7 @@ def run_search(args) -> int:
         print("e5v search: error: give a query text, --image FILE, or both", file=sys.stderr)
         return 2
     index = open_index(args.index)
-    config = index_config(index.manifest, engine_config(args), query=True)
+    config = index_config(index.manifest, engine_config(args))
     with E5V.from_pretrained(config=config) as model:
         query = embed_query(model, index.info, text=text, image=args.image, task=args.task)
     hits = index.search(query[None], args.top_k, exact=args.exact)[0]

@@ -71,9 +71,9 @@ def add_parsers(sub) -> None:
 
 
 def serve_settings(args: argparse.Namespace):
-    """The server's :class:`~e5v.serve.app.Settings` from the parsed flags; the served name is
+    """The server's :class:`~e5v.serve.service.Settings` from the parsed flags; the served name is
     ``--served-model-name``, else the ``--model`` value as given."""
-    from ..serve.app import Settings
+    from ..serve.service import Settings
     from ..serve.limits import Limits
 
     limits = Limits(max_items=args.max_items, max_body_bytes=int(args.max_body_mb * MiB),
@@ -86,22 +86,36 @@ def serve_settings(args: argparse.Namespace):
                     url_timeout=args.url_timeout, body_timeout=args.body_timeout)
 
 
-def index_mismatch(info: dict, args: argparse.Namespace) -> str | None:
-    """A warning when the index was built with another model or adapter than the one served (the index records
-    local checkpoints as absolute paths: compared the same way)."""
+def serve_config(args: argparse.Namespace, index=None):
+    """The engine's :class:`~e5v.config.EngineConfig`: the model flags, with the server's ``--max-pixels`` (so
+    that the engine does not refuse a decoded image the request checks allowed); with ``index``, the vector
+    options the flags leave open are the index's, as ``e5v search`` takes them, so that queries land in the
+    index's vector space."""
+    from ..store.indexing import index_config
+    from .common import engine_config
+
+    config = engine_config(args, max_pixels=args.max_pixels)
+    return config if index is None else index_config(index.manifest, config)
+
+
+def index_mismatch(info: dict, served) -> str | None:
+    """A warning when the index was built with another model or adapter than ``served``'s (an
+    :class:`~e5v.config.EngineConfig` or the parsed flags); the index records local checkpoints as absolute
+    paths: compared the same way."""
     from ..config import checkpoint_path
 
     built = info.get("model"), info.get("adapter")
-    if built == (checkpoint_path(args.model), checkpoint_path(args.adapter)):
+    if built == (checkpoint_path(served.model), checkpoint_path(served.adapter)):
         return None
-    return (f"the index was built with {built[0]} (adapter {built[1]}); queries are embedded with {args.model} "
-            f"(adapter {args.adapter})")
+    return (f"the index was built with {built[0]} (adapter {built[1]}); queries are embedded with {served.model} "
+            f"(adapter {served.adapter})")
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ..encoder import E5V
     from ..serve.app import create_app
     from ..serve.server import LOOPBACK, Connections, config, listen
-    from .common import EXIT_ERROR, EXIT_OK, EXIT_USAGE, load_model
+    from .common import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
     if args.host not in LOOPBACK and not args.api_key:
         print(f"e5v serve: warning: binding {args.host} without --api-key: anyone who can reach this port can use "
@@ -120,9 +134,10 @@ def run_serve(args: argparse.Namespace) -> int:
             from ..store import open_index
 
             index = open_index(args.index)
-            if warning := index_mismatch(index.info, args):
-                print(f"e5v serve: warning: {warning}", file=sys.stderr)
-        model = load_model(args)
+        engine = serve_config(args, index)
+        if index is not None and (warning := index_mismatch(index.info, engine)):
+            print(f"e5v serve: warning: {warning}", file=sys.stderr)
+        model = E5V.from_pretrained(config=engine)
         app = create_app(model, settings, index)
         import uvicorn
 
@@ -137,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         sock.close()
-    m = app.state.metrics
+    m = app.state.service.metrics
     requests = sum(m.requests.values())
     errors = sum(n for (_, status), n in m.requests.items() if status >= 400)
     print(f"stopped: served {requests} requests ({errors} errors), embedded {sum(m.items.values())} items")

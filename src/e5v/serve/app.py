@@ -10,37 +10,18 @@ response).
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
-from .limits import Limits
 from .responses import JSON, Guard, add_error_handlers
 from .routes import embeddings, operations, search
-from .service import Service
-
-
-@dataclass
-class Settings:
-    """What the operator chose: the served model name, the API key, the allow-lists and the limits."""
-
-    model_name: str
-    api_key: str | None = None
-    limits: Limits = field(default_factory=Limits)
-    allow_paths: tuple[str, ...] = ()
-    allow_urls: tuple[str, ...] = ()
-    max_batch_items: int = 256
-    max_queue_items: int = 4096
-    max_queue_pixels: int = 128_000_000
-    batch_wait_ms: float = 2.0
-    thumbnail_cache: int = 512
-    url_timeout: float = 10.0
-    body_timeout: float = 60.0
+from .service import Service, Settings
 
 
 def create_app(model, settings: Settings, index=None) -> FastAPI:
-    """An app serving ``model`` (an :class:`e5v.E5V`) and, when given, ``index`` (``e5v.store.open_index``).
-    ``app.state`` holds the ``service`` and, for operators and tests, its ``batcher``, ``metrics`` and ``pixels``."""
+    """An app serving ``model`` (an :class:`e5v.E5V`) and, when given, ``index`` (``e5v.store.open_index``);
+    ``app.state.service`` is their :class:`~e5v.serve.service.Service`."""
     service = Service(model, settings, index)
 
     @asynccontextmanager
@@ -54,9 +35,10 @@ def create_app(model, settings: Settings, index=None) -> FastAPI:
     app = FastAPI(title="e5v", description="E5-V embeddings and search", lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None, default_response_class=JSON)
     app.state.service = service
-    app.state.batcher, app.state.metrics, app.state.pixels = service.batcher, service.metrics, service.pixels
     app.add_middleware(Guard, metrics=service.metrics)
     add_error_handlers(app)
     for router in (embeddings.router, search.api, operations.router, search.page):
         app.include_router(router)
+    # on the app itself: include_router drops a router's mounts in some FastAPI versions that we support
+    app.mount("/static", StaticFiles(directory=search.STATIC), name="static")
     return app

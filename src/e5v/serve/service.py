@@ -1,23 +1,40 @@
-"""What the routes share: :class:`Service` holds the model behind one request batcher, the operator's settings,
-the index (or ``None``) with its thumbnails, the pixel budget and the image sources, and embeds a parsed request."""
+"""What the routes share: :class:`Settings` (what the operator chose) and :class:`Service`, which holds the model
+behind one request batcher, the settings, the index (or ``None``) with its thumbnails, the pixel budget and the
+image sources, and embeds a parsed request."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError
 from .batcher import RequestBatcher
-from .limits import PixelBudget
+from .limits import Limits, PixelBudget
 from .metrics import Metrics
 from .payload import Parsed
 from .sources import ImageSources
 from .thumbnails import Thumbnails
 
-if TYPE_CHECKING:
-    from .app import Settings
+
+@dataclass
+class Settings:
+    """What the operator chose: the served model name, the API key, the allow-lists and the limits."""
+
+    model_name: str
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    allow_paths: tuple[str, ...] = ()
+    allow_urls: tuple[str, ...] = ()
+    max_batch_items: int = 256
+    max_queue_items: int = 4096
+    max_queue_pixels: int = 128_000_000
+    batch_wait_ms: float = 2.0
+    thumbnail_cache: int = 512
+    url_timeout: float = 10.0
+    body_timeout: float = 60.0
 
 
 class Service:

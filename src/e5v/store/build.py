@@ -28,8 +28,6 @@ import numpy as np
 
 from ..errors import ConfigError, E5VError, IndexDamagedError
 from ..parts import atomic_save, atomic_write_bytes
-from .ann import build_ann
-from .codes import update_codes
 from .index import REPAIR_HINT
 from .layout import FORMAT, PRECISIONS, VERSION, done_path, file_facts, part_file, part_name, read_index_manifest
 from .layout import partition_problems, read_rows, revision
@@ -38,12 +36,17 @@ from .sources import Entry, row_changed, row_origin, same_item
 
 log = logging.getLogger(__name__)
 
-#: manifest fields that every job on an index must share (the vectors must live in one space): the engine's
-#: :meth:`~e5v.config.EngineConfig.vector_settings`, the prompts, and the storage precision
+#: manifest fields recorded for the vectors of an index, which every job on it must share (the vectors must live in
+#: one space) except the :data:`WARNED` ones: the engine's :meth:`~e5v.config.EngineConfig.vector_settings`, the
+#: prompts, and the storage precision
 SETTINGS = ("model", "adapter", "weights", "dtype", "chat_format", "max_length", "anyres_max_tiles", "alpha",
             "prompt", "precision")
 #: the SETTINGS that indexes written before them do not record: compared only where recorded
 RECORDED_SINCE_V2 = ("weights", "dtype", "alpha")
+#: the SETTINGS that are recorded (``index info`` shows them) but not enforced: a difference is a warning (a compute
+#: dtype resolved on another machine, a checkpoint folder copied without its files' modification times)
+WARNED = {"dtype": "the new vectors may differ slightly",
+          "weights": "the checkpoint files changed since the index was built"}
 
 
 @dataclass
@@ -162,8 +165,15 @@ def index_root(manifest: dict) -> str | None:
 
 
 def check_settings(folder: Path, manifest: dict, settings: dict) -> None:
-    """Refuse ``settings`` that would make vectors of another space than the index's."""
-    diff = [k for k in SETTINGS if (k in manifest or k not in RECORDED_SINCE_V2) and manifest.get(k) != settings.get(k)]
+    """Refuse ``settings`` that would make vectors of another space than the index's; log one warning when only
+    the :data:`WARNED` ones differ from the recorded ones."""
+    differ = [k for k in SETTINGS
+              if (k in manifest or k not in RECORDED_SINCE_V2) and manifest.get(k) != settings.get(k)]
+    diff = [k for k in differ if k not in WARNED]
+    warned = [k for k in differ if k in WARNED]
+    if warned and not diff:
+        log.warning("%s: %s", folder, "; ".join(f"{k}: index has {manifest.get(k)!r}, this run {settings.get(k)!r} "
+                                                f"({WARNED[k]})" for k in warned))
     if diff:
         detail = "; ".join(f"{k}: index has {manifest.get(k)!r}, asked {settings.get(k)!r}" for k in diff)
         raise ConfigError(f"{folder} was built with other settings ({detail}); vectors of one index must come "
@@ -464,12 +474,6 @@ def update_items(folder: Path, manifest: dict, changed: list, model, prompt: dic
             skipped_all += skipped
             updated += len(new_rows)
             bar.update(len(items))
-    if manifest.get("ann"):
-        build_ann(folder, update=True)
-        manifest = read_index_manifest(folder)
-    if manifest.get("codes"):
-        update_codes(folder)
-        manifest = read_index_manifest(folder)
     return manifest, skipped_all, updated
 
 

@@ -23,16 +23,15 @@ import numpy as np
 
 from ..errors import ConfigError, IndexDamagedError
 from ..parts import atomic_save
-from ..vectors import PCA, Codec, load_codec, make_codec, save_codec
-from .layout import CODE_PRECISIONS, digest, npy_header, part_file, read_index_manifest, write_manifest
+from ..vectors import PCA, PRECISIONS, Codec, load_codec, make_codec, save_codec
+from ..vectors.codecs import CHUNK
+from ..vectors.recall import SAMPLE
+from .layout import PRECISIONS as STORED
+from .layout import digest, npy_header, part_file, read_index_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 FOLDER = "codes"
-#: vectors that the PCA and the int8 ranges are fitted on
-SAMPLE = 20000
-#: rows encoded per step
-CHUNK = 16384
 CODES_HINT = "`e5v index repair` encodes them again"
 
 
@@ -45,13 +44,17 @@ def codes_file(folder, record: dict) -> Path:
 
 
 def load_transform(folder, entry: dict) -> tuple[Codec, PCA | None]:
-    """The codec and the PCA (None without one) of a ``codes`` entry."""
+    """The codec and the PCA (None without one) of a ``codes`` entry, checked against it: a transform that
+    disagrees with the entry's precision, ``dims`` or ``width`` (say, a re-fit killed between writing the transform
+    and the manifest) is an :class:`~e5v.errors.IndexDamagedError`."""
     try:
         codec = load_codec(codes_folder(folder) / "codec.json")
         pca = PCA.load(codes_folder(folder) / "pca.json") if entry.get("dims") else None
     except ConfigError as exc:
         raise IndexDamagedError(f"{folder}: the search codes' transform is damaged ({exc}); {CODES_HINT}") from None
-    if codec.precision != entry["precision"] or (pca is not None and pca.dims != codec.dim):
+    width = entry.get("width")
+    if codec.precision != entry["precision"] or (width is not None and codec.dim != width) or \
+            (pca is not None and not pca.dims == codec.dim == entry["dims"]):
         raise IndexDamagedError(f"{folder}: the search codes' codec does not match the manifest; {CODES_HINT}")
     return codec, pca
 
@@ -97,8 +100,8 @@ def code_problems(folder, manifest: dict, *, checksums: bool = False) -> list[st
 def fit_transform(index, precision: str, dims: int | None, sample: int = SAMPLE, seed: int = 0):
     """A codec of ``precision`` (and a PCA to ``dims``, when fewer than the index's) fitted on a random sample of
     the index's vectors."""
-    if precision not in CODE_PRECISIONS:
-        raise ConfigError(f"search codes are {', '.join(CODE_PRECISIONS)}, not {precision!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"search codes are {', '.join(PRECISIONS)}, not {precision!r}")
     if dims is not None and not 1 <= dims <= index.dim:
         raise ConfigError(f"--dims must be between 1 and the index's {index.dim} dimensions, not {dims}")
     rng = np.random.default_rng(seed)
@@ -112,8 +115,13 @@ def update_codes(folder, *, precision: str | None = None, dims: int | None = Non
                  checksums: bool = False) -> dict | None:
     """Encode every partition of the index at ``folder`` that has no current codes, or damaged ones (``checksums``:
     also those that no longer match their checksum); with ``precision`` first fit a new codec (and with ``dims`` a
-    PCA) on a sample of the index, replacing any codes it had; a damaged codec or PCA is fitted again. Returns the
-    manifest's ``codes`` entry (None for an index without codes)."""
+    PCA) on a sample of the index, replacing any codes it had; a damaged codec or PCA (or one that disagrees with the
+    manifest) is fitted again to the manifest's settings. Returns the manifest's ``codes`` entry (None for an index
+    without codes).
+
+    New codes are refused, before anything is written, on an index with an approximate index (it is searched
+    through one or the other), and in a float precision at the full width: they would be a second copy of the
+    stored vectors."""
     from .index import Index
 
     index = Index(folder)
@@ -121,6 +129,12 @@ def update_codes(folder, *, precision: str | None = None, dims: int | None = Non
     manifest = index.manifest
     if manifest.get("job") is not None:
         raise ConfigError(f"{folder} has an unfinished build or add; rerun it before encoding its search codes")
+    if precision is not None and manifest.get("ann"):
+        raise ConfigError(f"{folder} is searched through its approximate index; search codes are not made beside it "
+                          "(build them into an index without --ann)")
+    if precision in STORED and (dims is None or dims >= (index.dim or 0)):
+        raise ConfigError(f"{precision} search codes of the full width would copy the stored vectors; give --dims "
+                          "fewer than the vectors' dimensions, or int8 or binary")
     entry = manifest.get("codes")
     if precision is None and entry:
         try:

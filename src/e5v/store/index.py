@@ -64,13 +64,14 @@ class Index:
             problems = partition_problems(self.path, manifest, i)
             if problems:
                 raise IndexDamagedError(f"{self.path}: {name} is damaged: {problems[0]}; {REPAIR_HINT}")
-        self.offsets = np.concatenate([[0], np.cumsum([p["count"] for p in manifest["partitions"]])]).astype(np.int64)
         self._lock = threading.Lock()
         self._vectors: dict[int, np.ndarray] = {}
         self._codes: dict[int, np.ndarray] = {}
         self._transform = None
         #: the stored vectors of every partition, each opened (and checked) when first read
         self.stored = Parts([p["count"] for p in manifest["partitions"]], self.vectors)
+        #: global row number of each partition's first row, and the count at the end
+        self.offsets = self.stored.offsets
         self._rows: dict[int, list[dict]] = {}
         self._positions: dict[str, int] | None = None
         self._ann = None
@@ -146,7 +147,11 @@ class Index:
                     self._codes[i] = np.load(path, mmap_mode="r")
                 except (OSError, ValueError) as exc:
                     raise IndexDamagedError(f"{path}: cannot read the search codes ({exc}); {CODES_HINT}") from None
-                self.transform()[0].check_codes(self._codes[i], str(path))
+                try:
+                    self.transform()[0].check_codes(self._codes[i], str(path))
+                except ConfigError as exc:
+                    del self._codes[i]
+                    raise IndexDamagedError(f"{exc}; {CODES_HINT}") from None
             return self._codes[i]
 
     def transform(self):
@@ -261,10 +266,7 @@ class Index:
         kk = min(covered, max(2 * k, k + 16))
         params = faiss.SearchParametersHNSW(efSearch=max(int(info["ef_search"]), kk))
         _, cand = ann.search(q, kk, params=params)
-        scores = np.einsum("qd,qkd->qk", q, self.gather(np.maximum(cand, 0)))
-        scores[cand < 0] = -np.inf
-        order = np.lexsort((cand, -scores), axis=1)[:, :k]
-        best_s, best_p = np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+        best_s, best_p = rescore(q, cand, self.stored, k)
         if covered < self.count:
             best_s, best_p = merge_topk(best_s, best_p, *self._exact(q, k, covered), k)
         keep = best_p >= 0

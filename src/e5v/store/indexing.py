@@ -18,51 +18,35 @@ import os
 from .. import prompts
 from ..config import EngineConfig
 from ..errors import ConfigError, InputError
+from ..vectors import PRECISIONS as CODE_PRECISIONS
 from .ann import build_ann
 from .build import Ranks, Summary, index_root, run_job
 from .codes import update_codes
-from .layout import CODE_PRECISIONS, PRECISIONS, read_index_manifest
+from .layout import PRECISIONS, read_index_manifest
 from .sources import Entry, read_source
 
-#: the engine options that change the vectors and that a caller may leave open (None: then the index's are used);
-#: the compute dtype's open value is "auto"
+#: the engine options that change the vectors and that a caller may leave at their defaults (then the index's are
+#: used);
+#: not the compute dtype, whose ``auto`` resolves on the machine that runs
 INDEX_OPTIONS = tuple(f.name for f in dataclasses.fields(EngineConfig)
                       if f.metadata.get("vectors") and f.name != "dtype")
 
 
-def index_config(manifest: dict, given: EngineConfig | None = None, *, query: bool = False) -> EngineConfig:
-    """``given`` (default: the defaults) with the vector options it leaves open taken from the index: its
-    model, adapter, chat format, max length and AnyRes tiles, and with ``dtype="auto"`` its compute dtype, so that
-    new vectors are made as the stored ones were. With ``query`` the compute dtype stays ``given``'s (a query
-    vector joins nothing stored; ``auto`` is this machine's choice)."""
-    given = given or EngineConfig()
-    changes = {k: manifest.get(k) for k in INDEX_OPTIONS if getattr(given, k) is None}
-    if not query and given.dtype in (None, "auto") and manifest.get("dtype"):
-        changes["dtype"] = manifest["dtype"]
-    return given.replace(**changes)
+def index_config(manifest: dict, given: EngineConfig | None = None) -> EngineConfig:
+    """``given`` (default: the defaults) with the vector options it leaves at their defaults taken from the index:
+    its model, adapter, chat format, max length, AnyRes tiles and alpha, so that new vectors are made as the stored
+    ones were (an index written before a setting was recorded keeps the default). The compute dtype stays
+    ``given``'s (``auto``: this machine's choice); one other than the index's recorded dtype is warned about, not
+    refused (see :func:`e5v.store.build.check_settings`)."""
+    given, defaults = given or EngineConfig(), EngineConfig()
+    return given.replace(**{k: manifest[k] for k in INDEX_OPTIONS
+                            if k in manifest and getattr(given, k) == getattr(defaults, k)})
 
 
 def index_settings(manifest: dict, config: EngineConfig) -> dict:
     """The settings of vectors that ``config`` makes for the index of ``manifest`` (its prompts and precision),
     as :func:`e5v.store.build.check_settings` compares them with the index's."""
     return {**config.vector_settings(), "prompt": manifest["prompt"], "precision": manifest["precision"]}
-
-
-def load_engine(config: EngineConfig, progress: bool = True):
-    """The engine of ``config``; without ``progress`` the weight-loading bar is quiet too."""
-    from ..encoder import E5V
-
-    if progress:
-        return E5V.from_pretrained(config=config)
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return E5V.from_pretrained(config=config)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def read_entries(source: str, *, rebase: bool = False, root: str | None = None) -> list[Entry]:
@@ -85,9 +69,11 @@ def build_index(source, out, *, model: str | None = None, config: EngineConfig |
     engine, loaded only when there is something to embed. ``precision``: the stored vectors, float32 or float16;
     int8 or binary: search codes in that precision over vectors stored in float16, which re-score the top
     candidates. ``dims``: the search codes hold that many dimensions, by a PCA fitted on a sample of the index
-    and applied to every query (see :mod:`e5v.store.codes`). Images get the gallery prompt of ``task`` (cirr,
-    fashioniq-*) or ``image_prompt``; texts ``text_prompt`` (default: E5-V's). ``ann``: build the approximate
-    index when done, with these :func:`~e5v.store.ann.build_ann` options (``{}``: its defaults).
+    and applied to every query (see :mod:`e5v.store.codes`); as many as the vectors have or more: no PCA, and
+    with float32 or float16 no search codes at all (they would copy the stored vectors). Images get the gallery
+    prompt of ``task`` (cirr, fashioniq-*) or ``image_prompt``; texts ``text_prompt`` (default: E5-V's). ``ann``:
+    build the approximate index when done, with these :func:`~e5v.store.ann.build_ann` options (``{}``: its
+    defaults).
     Returns the :class:`~e5v.store.build.Summary` of the job; ``finished_before`` when ``out`` already holds it."""
     config = config or EngineConfig()
     config = config.replace(model=model) if model is not None else config
@@ -111,7 +97,8 @@ def add_to_index(index, source, *, config: EngineConfig | None = None, update: b
                  progress: bool = True) -> Summary:
     """Embed the items of ``source`` that the index at ``index`` does not hold yet, with its model, prompts and
     precision (``config``: engine options; the vector options it leaves open are the index's, see
-    :func:`index_config`; one that differs from the index's is refused). ``update``: re-embed the items whose file
+    :func:`index_config`; one that differs from the index's is refused, a compute dtype or checkpoint files other
+    than the recorded ones are warned about). ``update``: re-embed the items whose file
     or text changed since they were indexed. Resumable like :func:`build_index`; extends the approximate index if
     there is one."""
     manifest = read_index_manifest(index)
@@ -127,6 +114,8 @@ def _run(folder, source: str, config: EngineConfig, settings: dict, *, add: bool
          codes: dict | None = None) -> Summary:
     """One job on every rank (``root``: the folder a new index is built from, or that an add's image ids are
     relative to); rank 0 then builds or extends the approximate index or the search codes."""
+    from ..encoder import load_engine  # here: importing e5v.store loads no torch (index info, verify, export)
+
     ranks = Ranks()
     ranks.start()
     try:
@@ -155,6 +144,8 @@ def _codes(folder, manifest: dict, asked: dict | None) -> dict | None:
     have = manifest.get("codes")
     if asked and asked["dims"] is not None and asked["dims"] >= manifest["dim"]:
         asked = {**asked, "dims": None}  # as many dimensions as the vectors have: no PCA
+    if asked and asked["precision"] in PRECISIONS and asked["dims"] is None:
+        asked = None  # float codes of the full width would be a second copy of the stored vectors: none
     if asked and not (have and have["precision"] == asked["precision"] and have.get("dims") == asked["dims"]):
         return update_codes(folder, **asked)
     return update_codes(folder) if have else None

@@ -42,14 +42,13 @@ import numpy as np
 
 from ..errors import ConfigError, IndexDamagedError
 from ..parts import atomic_write_bytes
+from ..vectors import PRECISIONS as CODE_PRECISIONS
 
 MANIFEST = "manifest.json"
 FORMAT = "e5v-index"
 VERSION = 2
 #: storage precisions of the vectors
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
-#: precisions of the search codes (see :mod:`e5v.store.codes`)
-CODE_PRECISIONS = ("float32", "float16", "int8", "binary")
 ANN_HINT = "search with --exact, or rebuild it with `e5v index repair`"
 
 

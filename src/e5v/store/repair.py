@@ -19,7 +19,7 @@ from ..errors import ConfigError, E5VError, IndexDamagedError
 from .ann import build_ann
 from .build import check_settings, embed_part, fingerprint, index_root, progress_bar, read_marker, rewrite_partition
 from .codes import code_problems, update_codes
-from .indexing import index_config, index_settings, load_engine
+from .indexing import index_config, index_settings
 from .layout import MANIFEST, digest, file_facts, open_ann, part_file, partition_problems, read_index_manifest
 from .layout import read_rows, rows_path, vectors_path, write_manifest
 from .sources import Entry, read_source
@@ -188,7 +188,8 @@ def repair(folder, config: EngineConfig | None = None, *, progress: bool = True)
     """Re-embed the damaged partitions (one manifest write each), remove stray files, rebuild a damaged or
     outdated approximate index, encode damaged or outdated search codes again. ``config``: engine options; the
     vector options it leaves open are the index's (:func:`~e5v.store.indexing.index_config`), and one that
-    differs from the index's is refused. Returns what ``verify`` found before, and the items that failed now."""
+    differs from the index's is refused (a compute dtype or checkpoint files other than the recorded ones: a
+    warning). Returns what ``verify`` found before, and the items that failed now."""
     report = verify(folder)
     folder, manifest = _open(folder)
     if report.records:
@@ -212,8 +213,8 @@ def repair(folder, config: EngineConfig | None = None, *, progress: bool = True)
         write_manifest(folder, manifest)
     if ann:
         build_ann(folder, update=True)
-    if manifest.get("codes"):  # the codes of re-embedded partitions, and damaged ones, encoded again
-        update_codes(folder, checksums=True)
+    if manifest.get("codes"):  # the codes of re-embedded partitions, and damaged ones (verify hashed them all)
+        update_codes(folder, checksums=bool(report.codes))
     return report, skipped
 
 
@@ -221,6 +222,8 @@ def _reembed(folder: Path, manifest: dict, todo: list[tuple[int, list[Entry]]], 
              progress: bool) -> tuple[dict, list[dict]]:
     """Re-embed and switch in each partition of ``todo`` ((number, items)); the manifest, and the items that
     failed."""
+    from ..encoder import load_engine
+
     skipped = []
     with load_engine(config, progress) as model, \
             progress_bar(sum(len(e) for _, e in todo), f"repair {folder.name}", progress) as bar:

@@ -18,6 +18,7 @@ outside it are clipped to the range. The same idea as sentence-transformers' ``q
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,9 @@ def _product(left: np.ndarray, codes) -> np.ndarray:
     its own size: float16 and int8 scans read half and a quarter of float32's bytes. (A buffer of 16,384 rows left
     the cache: every code was written and read again as float32, and the smaller codes scanned slower than float32.)
     torch converts and multiplies: numpy casts float16 one value at a time, seven times slower, and numpy's
-    products between torch's conversions wait on torch's idle threads (DLPack takes read-only memory maps as they
-    are)."""
+    products between torch's conversions wait on torch's idle threads. The codes reach torch without a copy by
+    ``torch.from_numpy``, read-only memory maps too (only read: torch's warning that it cannot mark them read-only
+    is silenced); DLPack would refuse them under numpy before 2.1."""
     if codes.dtype == np.float32:
         out = np.empty((len(left), len(codes)), dtype=np.float32)
         for a in range(0, len(codes), CHUNK):
@@ -63,10 +65,12 @@ def _product(left: np.ndarray, codes) -> np.ndarray:
     buf = torch.empty((min(rows, len(codes)), codes.shape[1]), dtype=torch.float32)
     right = torch.from_numpy(np.ascontiguousarray(left, dtype=np.float32)).T
     out = torch.empty((len(codes), len(left)), dtype=torch.float32)  # transposed: each step fills whole rows
-    for a in range(0, len(codes), rows):
-        chunk = buf[:min(rows, len(codes) - a)]
-        chunk.copy_(torch.from_dlpack(np.ascontiguousarray(codes[a:a + rows])))
-        torch.matmul(chunk, right, out=out[a:a + len(chunk)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        for a in range(0, len(codes), rows):
+            chunk = buf[:min(rows, len(codes) - a)]
+            chunk.copy_(torch.from_numpy(np.ascontiguousarray(codes[a:a + rows])))
+            torch.matmul(chunk, right, out=out[a:a + len(chunk)])
     return np.ascontiguousarray(out.numpy().T)
 
 

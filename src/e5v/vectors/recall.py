@@ -47,11 +47,12 @@ def settings(precisions: Sequence[str] = PRECISIONS, dims: Sequence[int | None] 
             for r in ((False, True) if p in ("int8", "binary") else (False,))]
 
 
-def _transform(pca: PCA | None, x) -> np.ndarray:
-    """All rows of ``x`` through ``pca`` (or as they are), as float32, a chunk at a time."""
-    out = np.empty((len(x), pca.dims if pca is not None else np.shape(x)[1]), dtype=np.float32)
+def _encode(codec, pca: PCA | None, x) -> np.ndarray:
+    """The codes of all rows of ``x`` through ``pca`` (or as they are), read and encoded a chunk at a time."""
+    out = np.empty((len(x), codec.code_width), dtype=codec.code_dtype)
     for a in range(0, len(x), SCAN_CHUNK):
-        out[a:a + SCAN_CHUNK] = pca.apply(x[a:a + SCAN_CHUNK]) if pca is not None else x[a:a + SCAN_CHUNK]
+        rows = np.asarray(x[a:a + SCAN_CHUNK], dtype=np.float32)
+        out[a:a + SCAN_CHUNK] = codec.encode(pca.apply(rows) if pca is not None else rows)
     return out
 
 
@@ -63,11 +64,15 @@ def hits_at(exact_scores: np.ndarray, truth_scores: np.ndarray, k: int) -> np.nd
 
 def recall_rows(database, query_sets: Mapping[str, np.ndarray], *, precisions: Sequence[str] = PRECISIONS,
                 dims: Sequence[int | None] = (None,), sample: int = SAMPLE, candidates: int | None = None,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, full=None) -> list[dict]:
     """One row per (setting, query set): "queries", "count", "precision", "dims", "rescore", "bytes_per_vector"
     (the codes that a search scans), "rescore_bytes" (the full-width float16 copy it re-scores candidates from),
     "recall@1",
-    "recall@10". ``database`` (n, width) float rows (a memory map is fine); each query set (q, width)."""
+    "recall@10". ``database`` (n, width) float rows (a memory map is fine); each query set (q, width). ``full``:
+    the float16 rows that re-score candidates (``database``'s shape; an index's stored float16 partitions, as
+    :class:`~e5v.vectors.retrieval.Rows`), default: a float16 copy of ``database`` made here. The codes of one
+    setting at a time are held, encoded from ``database`` a chunk at a time; full-width float32 search scans
+    ``database`` itself."""
     n, width = np.shape(database)
     if n == 0:
         raise ConfigError("the collection holds no vectors")
@@ -85,22 +90,24 @@ def recall_rows(database, query_sets: Mapping[str, np.ndarray], *, precisions: S
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(n, size=min(sample, n), replace=False))
     fit_rows = np.asarray(database[picked], dtype=np.float32)
-    copy = np.empty((n, width), dtype=np.float16)  # the re-scoring copy: the full-width rows, as an index keeps
-    for a in range(0, n, SCAN_CHUNK):
-        copy[a:a + SCAN_CHUNK] = database[a:a + SCAN_CHUNK]
+    if full is None:  # the re-scoring copy: the full-width rows in float16, as an index keeps them
+        full = np.empty((n, width), dtype=np.float16)
+        for a in range(0, n, SCAN_CHUNK):
+            full[a:a + SCAN_CHUNK] = database[a:a + SCAN_CHUNK]
+    elif tuple(np.shape(full)) != (n, width):
+        raise ConfigError(f"the re-scoring rows have shape {tuple(np.shape(full))}, the collection {(n, width)}")
     rows = []
     for d in dict.fromkeys(dims):
         pca = PCA.fit(fit_rows, d) if d is not None and d < width else None
-        stored = _transform(pca, database)
-        calibration = _transform(pca, fit_rows)
+        calibration = pca.apply(fit_rows) if pca is not None else fit_rows
         for setting in settings(precisions, [d]):
-            codec = make_codec(setting.precision, stored.shape[1]).fit(calibration)
-            codes = codec.encode(stored)
+            codec = make_codec(setting.precision, calibration.shape[1]).fit(calibration)
+            codes = database if setting.precision == "float32" and pca is None else _encode(codec, pca, database)
             for name, q in queries.items():
-                _, pos = search(q, [codes], codec, k, full=[copy] if setting.rescore else None,
+                _, pos = search(q, [codes], codec, k, full=[full] if setting.rescore else None,
                                 candidates=candidates, pca=pca)
                 got = np.einsum("qd,qkd->qk", q, gather(parts, pos))
-                row = {"queries": name, "count": len(q), "precision": setting.precision, "dims": stored.shape[1],
+                row = {"queries": name, "count": len(q), "precision": setting.precision, "dims": codec.dim,
                        "full_width": pca is None, "rescore": setting.rescore,
                        "bytes_per_vector": codec.bytes_per_vector,
                        "rescore_bytes": 2 * width if setting.rescore else 0}

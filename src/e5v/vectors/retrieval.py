@@ -125,8 +125,11 @@ def gather(parts: Sequence, positions) -> np.ndarray:
 
 
 def rescore(queries: np.ndarray, positions: np.ndarray, full: Sequence, k: int):
-    """The best ``k`` of the candidate ``positions`` (q, c) by exact inner product with the rows of ``full``."""
-    scores = np.einsum("qd,qcd->qc", queries, gather(full, positions))
+    """The best ``k`` of the candidate ``positions`` (q, c) by exact inner product with the rows of ``full``; a
+    negative position (no candidate) scores ``-inf`` and comes last."""
+    missing = positions < 0
+    scores = np.einsum("qd,qcd->qc", queries, gather(full, np.where(missing, 0, positions)))
+    scores[missing] = -np.inf
     order = np.lexsort((positions, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
 

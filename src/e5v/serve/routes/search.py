@@ -1,5 +1,5 @@
 """``POST /v1/search`` over the index, ``GET /v1/thumbnail/{id}`` of its images, and the search page at ``/``
-(with its files under ``/static``)."""
+(its files, under ``/static``, are mounted on the app by :func:`e5v.serve.app.create_app`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,6 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse, Response
-from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..dependencies import IndexDep, ServiceDep, json_body, require_api_key
@@ -47,6 +46,3 @@ async def thumbnail(service: ServiceDep, index: IndexDep, item_id: str, size: in
 @page.get("/")
 async def search_page():
     return FileResponse(STATIC / "index.html")
-
-
-page.mount("/static", StaticFiles(directory=STATIC), name="static")
