@@ -23,11 +23,7 @@ def add_parsers(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from transformers.utils import logging as hf_logging
-
     from ..toyworld.demo import run_demo
-
-    hf_logging.disable_progress_bar()  # three small models load: their weight-loading bars are noise here
 
     return run_demo(args.out, model=args.model, scenes=args.scenes, top=args.top, second_gallery=args.second_gallery,
                     open_page=args.open)

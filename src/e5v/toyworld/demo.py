@@ -40,13 +40,14 @@ def run_demo(out, *, model: str = str(MINI), scenes: int = 200, top: int = 5, se
              open_page: bool = False) -> int:
     """The demo into folder ``out`` (see the module's docstring); ``second_gallery``: the seed of the claim-2
     table's second gallery. Returns 0."""
-    from ..encoder import E5V
+    from ..encoder import load_engine
     from .measure import evaluate
 
     t0 = time.perf_counter()
     out = Path(out)
-    g, index = index_gallery(out, scenes, model)
-    with E5V.from_pretrained(model, device="cpu", dtype="float32") as engine:
+    config = engine_config(model)
+    g, index = index_gallery(out, scenes, config)
+    with load_engine(config, progress=False) as engine:
         cards = run_queries(engine, g, index, out, top)
         figures = {"with prompts": evaluate(engine, g), "without prompts": evaluate(engine, g, prompted=False)}
         print_figures(figures, len(g.scenes))
@@ -66,9 +67,16 @@ def run_demo(out, *, model: str = str(MINI), scenes: int = 200, top: int = 5, se
     return 0
 
 
-def index_gallery(out: Path, scenes: int, model: str):
-    """(gallery, index): ``scenes`` held-out scenes drawn into ``out/gallery`` and indexed into ``out/index``."""
+def engine_config(model, adapter=None):
+    """The demo's engines: on the CPU in fp32 (the gallery's index and the queries alike)."""
     from ..config import EngineConfig
+
+    return EngineConfig(model=str(model), adapter=str(adapter) if adapter else None, device="cpu", dtype="float32")
+
+
+def index_gallery(out: Path, scenes: int, config):
+    """(gallery, index): ``scenes`` held-out scenes drawn into ``out/gallery`` and indexed into ``out/index`` by
+    the engine of ``config``."""
     from ..errors import E5VError
     from ..store import build_index, open_index
     from .measure import gallery
@@ -86,7 +94,6 @@ def index_gallery(out: Path, scenes: int, model: str):
     print(f"gallery: {len(g.scenes)} held-out scenes in {pics}")
     if (out / "index").is_dir() and _holds_other_gallery(out / "index", names):
         shutil.rmtree(out / "index")  # the demo's own index of an earlier gallery: rebuilt for this one
-    config = EngineConfig(model=model, device="cpu", dtype="float32")  # as the queries are embedded
     summary = build_index(pics, out / "index", config=config, progress=False)
     if summary.skipped:
         raise E5VError(f"{len(summary.skipped)} gallery pictures could not be indexed, e.g. "
@@ -168,14 +175,14 @@ def print_claim2(claim: dict) -> None:
 def claim2(model, shipped: dict, g, second: int) -> dict:
     """{gallery: {model: figures}} for the models of ``CLAIM2_MODELS`` on ``g`` (seed 0) and on gallery ``second``
     of the same size. ``model`` is the demo's own (the shipped one), whose figures on ``g`` are ``shipped``."""
-    from ..encoder import E5V
+    from ..encoder import load_engine
     from .measure import evaluate, gallery
 
     galleries = {"gallery 0 (held-out)": g, f"gallery {second}": gallery(len(g.scenes), second)}
     out = {name: {} for name in galleries}
     for model_name, path, adapter in CLAIM2_MODELS:
-        with nullcontext(model) if path is None else E5V.from_pretrained(
-                str(path), device="cpu", dtype="float32", adapter=str(adapter) if adapter else None) as engine:
+        with nullcontext(model) if path is None else load_engine(engine_config(path, adapter), progress=False) \
+                as engine:
             for name, gal in galleries.items():
                 out[name][model_name] = shipped if path is None and gal is g else evaluate(engine, gal)
     return out
