@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
-CHAT_FORMATS = ("llama3", "mistral", "vicuna", "qwen", "raw")
+CHAT_FORMATS = ("llama3", "mistral", "vicuna", "qwen", "template", "raw")
 PACKING = {"auto": "auto", "on": True, "off": False}
 
 
@@ -61,7 +61,8 @@ class EngineConfig:
     device: str | None = _option(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str = _option("auto", "compute precision: auto, bfloat16, float16, float32 (auto: fp16 on GPU as the "
                                  "official recipe, fp32 on CPU)", vectors=True)
-    chat_format: str | None = _option(None, "override the detected one (raw: no chat turn, the prompt as it is)",
+    chat_format: str | None = _option(None, "override the detected one (template: the checkpoint's own chat template; "
+                                            "raw: no chat turn, the prompt as it is)",
                                       vectors=True, choices=CHAT_FORMATS)
     max_batch_tokens: int = _option(16384, "padded tokens per forward pass", engine=True, type=count())
     max_batch_size: int = _option(256, "inputs per forward pass", engine=True, type=count())
@@ -75,6 +76,9 @@ class EngineConfig:
                                   engine=True)
     anyres_max_tiles: int | None = _option(None, "speed option, a deviation from the official recipe: at most K "
                                                  "AnyRes grid tiles per image", vectors=True, type=count())
+    image_max_pixels: int | None = _option(None, "dynamic-resolution backbones: resize each image to at most N "
+                                                 "pixels before the vision tower (fewer image tokens)", vectors=True,
+                                           type=count())
     attn_implementation: str | None = _option(None, "sdpa, eager, flash_attention_2, flex_attention")
     revision: str | None = None  # hub options: not CLI flags
     local_files_only: bool | None = None

@@ -8,7 +8,8 @@ token budget inside bounded windows, results returned in input order, bad items 
 Speed options (each off by default or proven equal to the default path by the tests):
 - ``num_workers``: preprocessing in worker processes, the next window prepared while the model runs;
 - ``packing``: the sequences of a batch in one row without padding (block-diagonal attention);
-- ``anyres_max_tiles`` (LLaVA-NeXT, at load): fewer AnyRes grid tiles, a deviation from the official recipe.
+- ``anyres_max_tiles`` (LLaVA-NeXT, at load): fewer AnyRes grid tiles, a deviation from the official recipe;
+- ``image_max_pixels`` (dynamic-resolution families, at load): images resized to fewer pixels, fewer image tokens.
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ class E5V:
         ``options``: the fields of :class:`~e5v.config.EngineConfig` (``device``, ``dtype``, ``adapter``,
         ``chat_format``, ``max_batch_tokens``, ``num_workers``, ...), over ``config`` where one is given.
         ``adapter``: a LoRA adapter directory, merged into the weights after loading.
-        ``anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe (see
-        :func:`e5v.backbones.load_backbone`).
+        ``anyres_max_tiles``, ``image_max_pixels``: fewer image tokens, a deviation from the official recipe
+        (see :func:`e5v.backbones.load_backbone`).
         """
         cfg = (config or EngineConfig()).replace(**options)
         if name_or_path is not None:

@@ -50,9 +50,8 @@ class Preparer:
     def key(self) -> tuple:
         """What a worker's copy depends on: a change means the workers must be restarted (the AnyRes grid and the
         chat format too: ``limit_anyres`` may be called on a loaded backbone, and its chat format changed)."""
-        pins = getattr(self.backbone.image_processor, "image_grid_pinpoints", None)
         return (id(self.backbone), self.backbone.chat_format, self.max_length,
-                tuple(sorted(self.image_options.items())), repr(pins))
+                tuple(sorted(self.image_options.items())), self.backbone.preprocessing_key())
 
     def prepare(self, item: Item, prompt: str) -> Features:
         """Validate, decode and tokenise one item; raises :class:`InputError` naming it, whatever went wrong with

@@ -26,6 +26,10 @@ RAW_CHAT = "{}"
 
 CHAT_FORMATS = {"llama3": LLAMA3_CHAT, "mistral": MISTRAL_CHAT, "vicuna": VICUNA_CHAT, "qwen": QWEN_CHAT,
                 "raw": RAW_CHAT}
+#: Not a format string: the checkpoint's own chat template renders the user turn (one user message whose content
+#: is the prompt's parts, ``<image>`` as an image part, then the generation prompt), byte for byte as
+#: ``apply_chat_template`` writes it. The default of the families E5-V did not use; any family with a template can.
+TEMPLATE = "template"
 
 # --- task prompts (inner text) ------------------------------------------------------------------------------
 #: Text prompt of the README and the retrieval evaluation (trailing space included).

@@ -25,6 +25,7 @@ from e5v import E5V
 from e5v.errors import BatchInputError, ConfigError, ModelLoadError
 
 from support import TEXTS
+from support.families import check_family
 
 CHAT = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
@@ -35,9 +36,6 @@ CHAT = {
 }
 FAMILY_CHAT = {"llava-next-llama3": "llama3", "e5v-like": "llama3", "llava-next-mistral": "mistral",
                "llava-next-vicuna": "vicuna", "llava-1.5": "vicuna", "qwen2-vl": "qwen", "qwen2.5-vl": "qwen"}
-TEXT_INNER = "<sent>\nSummary above sentence in one word: "
-IMAGE_INNER = "<image>\nSummary above image in one word: "
-CIRR_INNER = '<image>Modify this image with "<sent>", desribe modified image in one word:'
 ALL = list(FAMILY_CHAT)
 
 
@@ -95,25 +93,11 @@ def engines(tiny_dirs):
     return {f: E5V.from_pretrained(str(tiny_dirs[f]), device="cpu", dtype="float32") for f in ALL}
 
 
-def reference_vectors(ref, mixed_images):
-    pairs = list(zip(mixed_images[:3], ["is red", "has two dogs instead of one cat", "zoomed out"]))
-    return (np.stack([ref.embed(ref.prompt(TEXT_INNER, t)) for t in TEXTS]),
-            np.stack([ref.embed(ref.prompt(IMAGE_INNER), im) for im in mixed_images]),
-            np.stack([ref.embed(ref.prompt(CIRR_INNER, t), im) for im, t in pairs]), pairs)
-
-
 @pytest.mark.parametrize("family", ALL)
-def test_parity_with_official_formula(family, refs, engines, mixed_images):
-    text_ref, image_ref, comp_ref, pairs = reference_vectors(refs[family], mixed_images)
-    m = engines[family]
-    text, image, comp = m.encode_text(TEXTS), m.encode_image(mixed_images), m.encode_composed(pairs, task="cirr")
-    assert text.dtype == np.float32 and text.shape == (len(TEXTS), m.dim)
-    np.testing.assert_allclose(text, text_ref, atol=1e-5)
-    np.testing.assert_allclose(image, image_ref, atol=1e-5)  # mixed sizes batched together
-    np.testing.assert_allclose(comp, comp_ref, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
-    # the vectors are not all alike: the check above could not pass by accident
-    assert np.abs(text_ref[0] - text_ref[1]).max() > 1e-2 and np.abs(image_ref[0] - image_ref[1]).max() > 1e-3
+def test_parity_with_official_formula(family, refs, engines, mixed_images, monkeypatch):
+    ref = refs[family]
+    check_family(engines[family], lambda inner, text=None, image=None: ref.embed(ref.prompt(inner, text), image),
+                 mixed_images, monkeypatch)
 
 
 def test_chat_format_detected_per_family(engines):
@@ -140,27 +124,6 @@ def test_plan_batches_respects_budget(engines):
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[k] for k in b) <= 100)
     assert batches[0] == [9]  # longest first, alone
-
-
-@pytest.mark.parametrize("wrong", [lambda h: h[:, 0], lambda h: h[:, -2]], ids=["first-token", "second-to-last"])
-def test_wrong_pooling_position_breaks_parity(wrong, refs, engines, monkeypatch):
-    ref, m = refs["e5v-like"], engines["e5v-like"]
-    want = np.stack([ref.embed(ref.prompt(TEXT_INNER, t)) for t in TEXTS])
-    np.testing.assert_allclose(m.encode_text(TEXTS), want, atol=1e-5)
-    monkeypatch.setattr(e5v.batching, "pool_last", wrong)
-    assert np.abs(m.encode_text(TEXTS) - want).max() > 1e-2
-
-
-@pytest.mark.parametrize("family", ["e5v-like", "qwen2-vl"])
-def test_right_padding_breaks_parity(family, refs, engines, monkeypatch):
-    ref, m = refs[family], engines[family]
-    want = np.stack([ref.embed(ref.prompt(TEXT_INNER, t)) for t in TEXTS])
-    monkeypatch.setattr(m.backbone, "padding_side", "right")
-    got = m.encode_text(TEXTS)
-    lengths = [len(m.prepare(e5v.items.Item(text=t), e5v.prompts.TEXT)) for t in TEXTS]
-    longest = int(np.argmax(lengths))
-    np.testing.assert_allclose(got[longest], want[longest], atol=1e-5)  # unpadded row still right
-    assert np.abs(got - want).max() > 1e-2
 
 
 def test_prompt_bytes_reach_the_tokenizer(engines):

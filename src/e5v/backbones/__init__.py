@@ -28,7 +28,8 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
 
     ``cfg.anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe: only AnyRes
     grids of at most that many 336-px tiles (1: the base tile plus one grid tile, about 2.2x fewer image
-    tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`.
+    tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`. ``cfg.image_max_pixels``: the
+    same for dynamic-resolution families: images resized to at most that many pixels (:meth:`Backbone.limit_pixels`).
     """
     from transformers import AutoConfig
 
@@ -55,6 +56,8 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
         merge_adapter(backbone.model, cfg.adapter)
     if cfg.anyres_max_tiles is not None:
         backbone.limit_anyres(int(cfg.anyres_max_tiles))
+    if cfg.image_max_pixels is not None:
+        backbone.limit_pixels(int(cfg.image_max_pixels))
     log.info("loaded %s (%s, %s format) on %s in %s", name_or_path, type(backbone).__name__,
              backbone.chat_format, backbone.device, backbone.dtype)
     return backbone

@@ -49,7 +49,8 @@ class Backbone:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: The string the family's processor expects where an image goes.
     image_placeholder: ClassVar[str] = prompts.IMAGE
-    #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use; "raw" (no chat turn) fits all.
+    #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use, its default first; "raw" (no
+    #: chat turn) fits all, and "template" (the checkpoint's own chat template) every checkpoint that has one.
     chat_formats: ClassVar[tuple[str, ...]] = ()
 
     #: Which side batches are padded on. Last-token pooling needs "left"; only tests change it.
@@ -60,14 +61,18 @@ class Backbone:
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
         tokenizer.padding_side = "left"
         chat_format = chat_format or self.detect_chat_format(tokenizer)
-        if chat_format not in (*self.chat_formats, "raw"):
+        if chat_format not in (*self.chat_formats, prompts.TEMPLATE, "raw"):
             raise ConfigError(f"chat format {chat_format!r} does not fit {type(self).__name__}; "
                               f"expected one of {', '.join(self.chat_formats)}")
+        if chat_format == prompts.TEMPLATE and not tokenizer.chat_template:
+            raise ConfigError(f"{path or type(self).__name__}: the checkpoint has no chat template; choose a "
+                              f"chat format ({', '.join((*self.chat_formats, 'raw'))})")
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_format = chat_format
         self.path = path
+        self._rendered: dict[tuple[str, str], str] = {}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ConfigError(f"{path}: the tokenizer has neither a pad nor an eos token")
@@ -116,11 +121,52 @@ class Backbone:
         """Speed option of tiled-image families (see LLaVA-NeXT); others have no AnyRes grid to cap."""
         raise ConfigError(f"{type(self).__name__} has no AnyRes tiles to cap")
 
+    def limit_pixels(self, max_pixels: int) -> None:
+        """Dynamic-resolution families: resize each image to at most ``max_pixels`` pixels before the vision tower
+        (fewer image tokens, less detail). Fixed-resolution families have nothing to limit."""
+        raise ConfigError(f"{type(self).__name__} sees images at a fixed resolution: there is no pixel budget "
+                          "to set (LLaVA-NeXT: anyres_max_tiles)")
+
+    def preprocessing_key(self) -> tuple:
+        """What the image preprocessing depends on beyond the checkpoint, for :meth:`e5v.prepare.Preparer.key`
+        (the limits above may be set on a loaded backbone)."""
+        ip = self.image_processor
+        return (repr(getattr(ip, "image_grid_pinpoints", None)), repr(getattr(ip, "size", None)))
+
     # --- prompts -------------------------------------------------------------------------------------
     def render(self, inner_prompt: str) -> str:
         """Wrap a task prompt in the chat format and swap ``<image>`` for this family's image marker."""
-        text = prompts.CHAT_FORMATS[self.chat_format].format(inner_prompt)
-        return text.replace(prompts.IMAGE, self.image_placeholder)
+        key = (self.chat_format, inner_prompt)
+        if key not in self._rendered:
+            if self.chat_format == prompts.TEMPLATE:
+                text = self.render_template(inner_prompt)
+            else:
+                text = prompts.CHAT_FORMATS[self.chat_format].format(inner_prompt)
+                text = text.replace(prompts.IMAGE, self.image_placeholder)
+            self._rendered[key] = text
+        return self._rendered[key]
+
+    def render_template(self, inner_prompt: str) -> str:
+        """The checkpoint's chat template on one user message: the prompt's text around ``<image>`` as text
+        parts (verbatim), ``<image>`` as an image part, then the generation prompt. A BOS the template writes is
+        dropped, because the tokenizer adds its own (what ``apply_chat_template(tokenize=True)`` yields)."""
+        before, image, after = inner_prompt.partition(prompts.IMAGE)
+        parts = [{"type": "text", "text": before}] if before else []
+        if image:
+            parts.append({"type": "image"})
+        if after:
+            parts.append({"type": "text", "text": after})
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                                  add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and self.adds_bos():
+            text = text[len(bos):]
+        return text
+
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS in front of a text by itself."""
+        ids = self.tokenizer("a")["input_ids"]
+        return bool(ids) and ids[0] == self.tokenizer.bos_token_id
 
     # --- per item and per batch ------------------------------------------------------------------------
     def prepare(self, text: str, image=None) -> Features:

@@ -6,9 +6,14 @@ here, one ``<|image_pad|>`` per merged patch. M-RoPE needs ``mm_token_type_ids``
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..errors import ConfigError
 from .base import Backbone, Features, register
+
+log = logging.getLogger(__name__)
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -32,6 +37,16 @@ class QwenVLBackbone(Backbone):
         super().__init__(model, tokenizer, image_processor, chat_format=chat_format, path=path)
         self.image_token_id = (model.config.image_token_id if model is not None
                                else tokenizer.convert_tokens_to_ids(IMAGE_PAD))
+
+    def limit_pixels(self, max_pixels: int) -> None:
+        """Qwen's dynamic resolution: images are resized to at most ``max_pixels`` pixels (the processor's
+        ``max_pixels``, ``size["longest_edge"]``), so at most ``max_pixels / (patch * merge)^2`` image tokens."""
+        size = dict(self.image_processor.size)
+        if max_pixels < size["shortest_edge"]:
+            raise ConfigError(f"image_max_pixels {max_pixels} is below the model's minimum of "
+                              f"{size['shortest_edge']} pixels")
+        log.info("image pixels capped at %d (was %d)", max_pixels, size["longest_edge"])
+        self.image_processor.size = {**size, "longest_edge": int(max_pixels)}
 
     def prepare(self, text: str, image=None) -> Features:
         images = {}

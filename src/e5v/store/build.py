@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 #: manifest fields recorded for the vectors of an index, which every job on it must share (the vectors must live in
 #: one space) except the :data:`WARNED` ones: the engine's :meth:`~e5v.config.EngineConfig.vector_settings`, the
 #: prompts, and the storage precision
-SETTINGS = ("model", "adapter", "weights", "dtype", "chat_format", "max_length", "anyres_max_tiles", "alpha",
-            "prompt", "precision")
+SETTINGS = ("model", "adapter", "weights", "dtype", "chat_format", "max_length", "anyres_max_tiles",
+            "image_max_pixels", "alpha", "prompt", "precision")
 #: the SETTINGS that indexes written before them do not record: compared only where recorded
-RECORDED_SINCE_V2 = ("weights", "dtype", "alpha")
+RECORDED_SINCE_V2 = ("weights", "dtype", "alpha", "image_max_pixels")
 #: the SETTINGS that are recorded (``index info`` shows them) but not enforced: a difference is a warning (a compute
 #: dtype resolved on another machine, a checkpoint folder copied without its files' modification times)
 WARNED = {"dtype": "the new vectors may differ slightly",
