@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 
 from e5v.tiny import FAMILIES, build_tiny_checkpoint
+from e5v.tiny import llava as tiny_llava
 from support import SRC
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-LLAVA = [f for f in FAMILIES if not f.startswith("qwen")]
-QWEN = [f for f in FAMILIES if f.startswith("qwen")]
-MODEL_CLASS = {"llava-1.5": "LlavaForConditionalGeneration", "qwen2-vl": "Qwen2VLForConditionalGeneration",
-               "qwen2.5-vl": "Qwen2_5_VLForConditionalGeneration"}
+LLAVA = list(tiny_llava.FAMILIES)  # the LLaVA-1.5 / LLaVA-NeXT builds: an HF processor that expands <image>
+QWEN = [f for f in FAMILIES if f.startswith("qwen")]  # Qwen2-VL's PIL image processor
 IMG_PROMPT = "<image>\nSummary above image in one word: "
 QWEN_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>\nSummary above image in one word: "
 
@@ -38,22 +37,26 @@ def _n_features(feats):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reload_class_and_weights(tiny_dirs, family):
+def test_reload_class_and_weights(tiny_dirs, family, tmp_path):
+    """The checkpoint loads as the class its config names; the same seed builds the same weights, another seed
+    others; no weight matrix is zero (a zero-initialised projection would embed every image alike, and no image
+    test could fail)."""
     model = _load_model(tiny_dirs[family])
-    assert type(model).__name__ == MODEL_CLASS.get(family, "LlavaNextForConditionalGeneration")
-    torch.manual_seed(0)  # the seed build_tiny_checkpoint used: rebuilding from the config gives the tiny_dirs weights
-    built_state = type(model)(model.config).state_dict()
+    assert type(model).__name__ == json.loads((tiny_dirs[family] / "config.json").read_text())["architectures"][0]
     state = model.state_dict()
-    assert set(state) == set(built_state)
-    assert all(torch.equal(state[k], v) and v.dtype == torch.float32 for k, v in built_state.items())
+    again = _load_model(build_tiny_checkpoint(family, tmp_path / "a", seed=0)).state_dict()
+    other = _load_model(build_tiny_checkpoint(family, tmp_path / "b", seed=1)).state_dict()
+    assert set(state) == set(again) == set(other)
+    assert all(torch.equal(state[k], v) and v.dtype == torch.float32 for k, v in again.items())
+    assert any(not torch.equal(state[k], v) for k, v in other.items())
+    zero = [k for k, v in state.items() if v.dim() >= 2 and not v.any()]
+    assert not zero, zero
 
 
-def test_same_seed_same_files_other_seed_other_weights(tiny_dirs, tmp_path):
+def test_same_seed_same_files(tiny_dirs, tmp_path):
     again = build_tiny_checkpoint("llava-next-llama3", tmp_path / "a", seed=0)
-    other = build_tiny_checkpoint("llava-next-llama3", tmp_path / "b", seed=1)
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (again / name).read_bytes() == (tiny_dirs["llava-next-llama3"] / name).read_bytes(), name
-    assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("family", LLAVA)
@@ -120,12 +123,18 @@ def test_tokenizer_conventions(tiny_dirs, family):
     assert ids[-1] != tok.eos_token_id and tok.unk_token_id not in ids
     if family in QWEN:
         assert tok.bos_token_id is None and tok.eos_token == "<|im_end|>"
-    else:
+    elif family in LLAVA:  # the other families keep their real models' BOS conventions (their tests pin them)
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     batch = tok(["a", "a much longer sentence"], padding=True).input_ids
     assert batch[0][0] == tok.pad_token_id and batch[1][0] != tok.pad_token_id
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert "hi" in chat and not (tok.bos_token and tok.bos_token in chat)  # the tokenizer adds BOS
+    try:  # the real templates of some families take content parts only (Idefics3), of others strings only
+        chat = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                       tokenize=False, add_generation_prompt=True)
+    except TypeError:  # (the tokenizer of LLaVA-OneVision: Qwen2's text template; the processor has the other)
+        chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "hi" in chat
+    if family in LLAVA:
+        assert not (tok.bos_token and tok.bos_token in chat)  # the tokenizer adds BOS
 
 
 @pytest.mark.slow
