@@ -82,13 +82,12 @@ class Preparer:
         if text is not None and (prompts.IMAGE in text or self.backbone.image_placeholder in text):
             raise InputError(name, f"the text contains the image marker {prompts.IMAGE!r}")
         image = load_image(item.image, item=name, **self.image_options) if wants_image else None
-        template = self.backbone.render(prompt)
-        feats = self.backbone.prepare(prompts.fill(template, text), image)
+        feats = self.backbone.prepare(self.backbone.render(prompts.fill(prompt, text)), image)
         if len(feats) > self.max_length:
-            feats = self._truncate(template, text, image, feats, name)
+            feats = self._truncate(prompt, text, image, feats, name)
         return feats
 
-    def _truncate(self, template: str, text: str | None, image, feats: Features, name: str) -> Features:
+    def _truncate(self, prompt: str, text: str | None, image, feats: Features, name: str) -> Features:
         """Cut the item's text (never the prompt) so that the whole input fits ``max_length``."""
         tok = self.backbone.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"] if text else []
@@ -98,7 +97,7 @@ class Preparer:
                 raise InputError(name, f"the prompt{' and image' if image is not None else ''} alone take "
                                        f"{len(feats) - len(ids)} tokens, over the limit of {self.max_length}")
             ids = ids[:keep]
-            feats = self.backbone.prepare(prompts.fill(template, tok.decode(ids)), image)
+            feats = self.backbone.prepare(self.backbone.render(prompts.fill(prompt, tok.decode(ids))), image)
             if len(feats) <= self.max_length:
                 log.warning("%s: text truncated to %d tokens to fit the model's limit of %d",
                             name, len(ids), self.max_length)

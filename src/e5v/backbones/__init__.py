@@ -7,19 +7,42 @@ import os
 from ..config import EngineConfig, resolve_device, resolve_dtype
 from ..errors import ConfigError, ModelLoadError
 from .base import Backbone, Features, register, registered
-from . import llava, llava_next, qwen2_vl  # noqa: F401  (registration)
+from . import gemma3, idefics3, internvl, llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401
+# (the imports register the families)
 
 log = logging.getLogger(__name__)
+
+
+#: Families that transformers runs natively but e5v refuses, and why.
+REFUSED = {
+    "phi4_multimodal": "Phi-4-multimodal is not supported: transformers has its image processor only for "
+                       "torchvision (no PIL version), and its images need the checkpoint's vision LoRA switched on "
+                       "(a mixture of LoRAs per input kind), which e5v's one merged adapter does not model",
+}
 
 
 def select(config) -> type[Backbone]:
     """The backbone class for a checkpoint's config (by ``model_type``)."""
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ModelLoadError(f"{REFUSED[model_type]} (model_type {model_type!r})")
     for cls in registered():
         if model_type in cls.model_types:
             return cls
     known = sorted(t for cls in registered() for t in cls.model_types)
     raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
+
+
+def refuse_remote_code(name_or_path: str, config: dict) -> None:
+    """A checkpoint whose ``config.json`` asks for its own Python code (``auto_map``) or names a ``model_type``
+    that transformers does not know (Phi-3-V, Phi-3.5-V, original InternVL) runs only with ``trust_remote_code``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if config.get("auto_map") or (model_type and model_type not in CONFIG_MAPPING):
+        raise ModelLoadError(f"{name_or_path}: model_type {model_type!r} needs remote code (the checkpoint's own "
+                             "Python files, trust_remote_code), which e5v does not run; use a version of the "
+                             "checkpoint that transformers runs natively")
 
 
 def load_backbone(cfg: EngineConfig) -> Backbone:
@@ -31,7 +54,7 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`. ``cfg.image_max_pixels``: the
     same for dynamic-resolution families: images resized to at most that many pixels (:meth:`Backbone.limit_pixels`).
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     if not cfg.model:
         raise ConfigError("no model: give a hub id or a checkpoint directory")
@@ -42,6 +65,7 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
         raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
     try:
+        refuse_remote_code(name_or_path, PretrainedConfig.get_config_dict(name_or_path, **hub)[0])
         model_config = AutoConfig.from_pretrained(name_or_path, **hub)
     except (OSError, ValueError) as exc:
         where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"

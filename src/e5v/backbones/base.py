@@ -72,7 +72,6 @@ class Backbone:
         self.image_processor = image_processor
         self.chat_format = chat_format
         self.path = path
-        self._rendered: dict[tuple[str, str], str] = {}
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ConfigError(f"{path}: the tokenizer has neither a pad nor an eos token")
@@ -135,16 +134,12 @@ class Backbone:
 
     # --- prompts -------------------------------------------------------------------------------------
     def render(self, inner_prompt: str) -> str:
-        """Wrap a task prompt in the chat format and swap ``<image>`` for this family's image marker."""
-        key = (self.chat_format, inner_prompt)
-        if key not in self._rendered:
-            if self.chat_format == prompts.TEMPLATE:
-                text = self.render_template(inner_prompt)
-            else:
-                text = prompts.CHAT_FORMATS[self.chat_format].format(inner_prompt)
-                text = text.replace(prompts.IMAGE, self.image_placeholder)
-            self._rendered[key] = text
-        return self._rendered[key]
+        """Wrap a task prompt, its ``<sent>`` already filled, in the chat format, and swap ``<image>`` for this
+        family's image marker. (Filled first: a template may transform the text, e.g. Gemma's trims it.)"""
+        if self.chat_format == prompts.TEMPLATE:
+            return self.render_template(inner_prompt)
+        text = prompts.CHAT_FORMATS[self.chat_format].format(inner_prompt)
+        return text.replace(prompts.IMAGE, self.image_placeholder)
 
     def render_template(self, inner_prompt: str) -> str:
         """The checkpoint's chat template on one user message: the prompt's text around ``<image>`` as text

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL (``model_type: qwen2_vl`` / ``qwen2_5_vl``).
+"""Qwen2-VL and Qwen2.5-VL (``model_type: qwen2_vl`` / ``qwen2_5_vl``); Qwen3-VL builds on them (:mod:`.qwen3_vl`).
 
 The Qwen processor cannot be built without torchvision (its video processor needs it), and images are all
 we need: tokenizer and PIL image processor are loaded separately and the image placeholder is expanded
@@ -26,11 +26,10 @@ class QwenVLBackbone(Backbone):
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
-        from transformers import AutoTokenizer
-        # Qwen2-VL and Qwen2.5-VL share this image processor; the PIL class loads without torchvision.
+        # Qwen2-VL, Qwen2.5-VL and Qwen3-VL share this image processor; the PIL class loads without torchvision.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        return {"tokenizer": AutoTokenizer.from_pretrained(path, **hub_kwargs),
+        return {"tokenizer": load_tokenizer(path, **hub_kwargs)[0],
                 "image_processor": Qwen2VLImageProcessorPil.from_pretrained(path, **hub_kwargs)}
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
@@ -80,3 +79,17 @@ class QwenVLBackbone(Backbone):
             rows.append(torch.cat([text, pos.to(text.dtype)], dim=0))
         batch["position_ids"] = torch.cat(rows, dim=2)
         return batch, ends
+
+
+def load_tokenizer(path, **hub_kwargs):
+    """(tokenizer, processor settings) of a checkpoint whose processor cannot be built without torchvision: the
+    settings of its ``processor_config.json``, and the tokenizer with the processor's chat template (``chat_template
+    .json`` / ``.jinja``) where there is one: that is the template the model's processor renders, and a tokenizer
+    config may hold another (llava-hf's OneVision keeps its text model's, Qwen2-Instruct's)."""
+    from transformers import AutoTokenizer, ProcessorMixin
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    settings, _ = ProcessorMixin.get_processor_dict(path, **hub_kwargs)
+    if settings.get("chat_template"):
+        tokenizer.chat_template = settings["chat_template"]
+    return tokenizer, settings

@@ -17,30 +17,29 @@ import argparse
 import logging
 import pathlib
 
-from . import llava, qwen
+from . import gemma, idefics, llava, qwen, qwen3ov
 from .common import LLAMA3_STYLE, MISTRAL_STYLE, QWEN_STYLE, VICUNA_STYLE, TokenizerStyle, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 #: family -> the module that builds it (one module per backbone family; adding one is one line here)
-BUILDERS = {family: module.build for module in (llava, qwen) for family in module.FAMILIES}
+BUILDERS = {family: module.build for module in (llava, qwen, gemma, idefics, qwen3ov) for family in module.FAMILIES}
 FAMILIES = tuple(BUILDERS)
+
 
 def build_tiny_checkpoint(family: str, out_dir, *, seed: int = 0) -> pathlib.Path:
     """Build a tiny random checkpoint of ``family`` into ``out_dir`` and return its path.
 
-    Same seed, same bit-identical weights and tokenizer files. Families:
+    Same seed, same bit-identical weights and tokenizer files. Families (each module's docstring says what is real
+    and what is scaled down):
 
-    - ``llava-next-llama3`` / ``-mistral`` / ``-vicuna``: ``LlavaNextForConditionalGeneration`` +
-      ``LlavaNextProcessor``.
-    - ``llava-1.5``: ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` (PIL CLIP image processor).
-    - ``qwen2-vl`` / ``qwen2.5-vl``: model + tokenizer + ``Qwen2VLImageProcessorPil``; no processor config,
-      because ``Qwen2VLProcessor`` cannot be built without torchvision.
-    - ``e5v-like``: the llava-next-llama3 build with royokong/e5-v's quirks, which a loader must repair:
-      (1) the ``<image>`` id equals ``text_config.vocab_size`` (one past the embedding matrix);
-      (2) ``config.image_token_index`` is a wrong, in-range id (``<image>`` id - 5), not ``<image>``;
-      (3) ``processor_config.json`` lacks ``patch_size`` and ``vision_feature_select_strategy``, so a plain
-      ``LlavaNextProcessor.from_pretrained`` has ``patch_size=None``.
+    - :mod:`~e5v.tiny.llava`: ``llava-next-llama3`` / ``-mistral`` / ``-vicuna``, ``llava-1.5``, and ``e5v-like``
+      (the llava-next-llama3 build with royokong/e5-v's quirks, which a loader must repair: the ``<image>`` id one
+      past the embedding matrix, a wrong in-range ``config.image_token_index``, no ``patch_size`` in
+      ``processor_config.json``);
+    - :mod:`~e5v.tiny.qwen`: ``qwen2-vl``, ``qwen2.5-vl``; :mod:`~e5v.tiny.qwen3ov`: ``qwen3-vl``,
+      ``llava-onevision``; :mod:`~e5v.tiny.idefics`: ``idefics3``, ``smolvlm``; :mod:`~e5v.tiny.gemma`:
+      ``gemma3``, ``internvl``.
     """
     import torch
     from transformers.utils import logging as hf_logging

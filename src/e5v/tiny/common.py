@@ -89,3 +89,15 @@ def build_tokenizer(style: TokenizerStyle, image_token: str | None = None, vocab
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=style.bos, eos_token=style.eos,
                                    pad_token=style.pad, unk_token=style.unk, padding_side="left",
                                    chat_template=style.chat_template, **extra)
+
+
+def randomise_zeros(model, std: float = 0.02) -> None:
+    """Draw every weight matrix that transformers initialises to zeros (Gemma 3's projector, InternVL's class token
+    and position embeddings) from N(0, std): with zeros, every image would embed alike and no image test could
+    fail. Seeded by the caller, like the rest of the model."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(std=std)

@@ -1,0 +1,136 @@
+"""Idefics3 and SmolVLM against the official formula (issue 15): the full model, one item at a time, fp32,
+``hidden_states[-1][:, -1]``. The reference is written without e5v: for Idefics3 the HF ``Idefics3Processor``; for
+SmolVLM (whose processor needs torchvision) its PIL image processor, the processor's own expansion function
+(``processing_smolvlm.get_image_prompt_string``) and the tokenizer. Prompts are spelled out as each model's chat
+template renders them (a BOS the Llama-3 template writes is the tokenizer's, added once)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+from e5v import E5V, prompts
+from e5v.errors import ConfigError
+from e5v.items import Item
+
+from support import random_images
+from support.families import check_family
+
+FAMILIES = ("idefics3", "smolvlm")
+#: the E5-V prompts (text, image, CIRR query) as each real chat template renders them, the tokenizer's BOS apart
+RENDERED = {
+    "idefics3": ("User: <sent>\nSummary above sentence in one word: <end_of_utterance>\nAssistant:",
+                 "User:<image>\nSummary above image in one word: <end_of_utterance>\nAssistant:",
+                 'User:<image>Modify this image with "<sent>", desribe modified image in one word:'
+                 "<end_of_utterance>\nAssistant:"),
+    "smolvlm": ("<|im_start|>User: <sent>\nSummary above sentence in one word: <end_of_utterance>\nAssistant:",
+                "<|im_start|>User:<image>\nSummary above image in one word: <end_of_utterance>\nAssistant:",
+                '<|im_start|>User:<image>Modify this image with "<sent>", desribe modified image in one word:'
+                "<end_of_utterance>\nAssistant:"),
+}
+
+
+class Reference:
+    """The official recipe for one item on the full model."""
+
+    def __init__(self, path, family):
+        self.family = family
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        if family == "idefics3":
+            self.processor = AutoProcessor.from_pretrained(path, backend="pil")
+            self.tokenizer = self.processor.tokenizer
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.image_processor = SmolVLMImageProcessorPil.from_pretrained(path)
+            cfg = self.model.config.vision_config
+            self.seq_len = (cfg.image_size // cfg.patch_size) ** 2 // self.model.config.scale_factor ** 2
+
+    def inputs(self, text, image):
+        if self.family == "idefics3":
+            return self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+        extra = {}
+        if image is not None:
+            extra = self.image_processor(images=[[image]], return_row_col_info=True, return_tensors="pt")
+            text = text.replace("<image>", get_image_prompt_string(
+                extra.pop("rows")[0][0], extra.pop("cols")[0][0], self.seq_len, fake_token_around_image=
+                "<fake_token_around_image>", image_token="<image>", global_image_token="<global-img>"))
+        return {**self.tokenizer([text], return_tensors="pt"), **extra}
+
+    @torch.no_grad()
+    def __call__(self, inner, text=None, image=None):
+        prompt = dict(zip((prompts.TEXT, prompts.IMAGE_PROMPT, prompts.CIRR_QUERY), RENDERED[self.family]))[inner]
+        prompt = prompt.replace("<sent>", text) if text is not None else prompt
+        out = self.model(**self.inputs(prompt, image), output_hidden_states=True, return_dict=True)
+        return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def refs(tiny_dirs):
+    return {f: Reference(tiny_dirs[f], f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_dirs):
+    return {f: E5V.from_pretrained(str(tiny_dirs[f]), device="cpu", dtype="float32") for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_with_official_formula(family, refs, engines, mixed_images, monkeypatch):
+    check_family(engines[family], refs[family], mixed_images, monkeypatch)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_are_the_chat_templates_byte_for_byte(family, engines):
+    bb = engines[family].backbone
+    assert bb.chat_format == prompts.TEMPLATE
+    assert tuple(bb.render(p) for p in (prompts.TEXT, prompts.IMAGE_PROMPT, prompts.CIRR_QUERY)) == RENDERED[family]
+    ids = engines[family].prepare(Item(text="A dog."), prompts.TEXT).input_ids.tolist()
+    tok = bb.tokenizer
+    # Idefics3: the Llama-3 tokenizer adds <|begin_of_text|> once; SmolVLM: <|im_start|> comes from the template
+    start = "<|begin_of_text|>" if family == "idefics3" else "<|im_start|>"
+    assert ids[0] == tok.convert_tokens_to_ids(start) and ids.count(ids[0]) == 1
+    assert tok.decode(ids[1:]) == RENDERED[family][0].removeprefix(start).replace("<sent>", "A dog.")
+
+
+def test_image_max_pixels_is_the_processors_longest_edge(tiny_dirs, refs, engines):
+    """A cap of 70x70 pixels: a longest edge of 64 (two 32-px tiles), as the HF processor with that size embeds
+    the image; fewer image tokens than the checkpoint's 128."""
+    path = str(tiny_dirs["idefics3"])
+    capped = E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=70 * 70)
+    image = random_images(1, seed=3)[0].resize((120, 90))
+    item = Item(image=image, name="x")
+    n_full, n_capped = (len(m.prepare(item, prompts.IMAGE_PROMPT)) for m in (engines["idefics3"], capped))
+    assert n_capped < n_full
+    ref = refs["idefics3"]
+    ip = ref.processor.image_processor
+    full_size, ip.size = ip.size, {"longest_edge": 64}
+    try:
+        want = ref(prompts.IMAGE_PROMPT, None, image)
+    finally:
+        ip.size = full_size
+    np.testing.assert_allclose(capped.encode_image([image])[0], want, atol=1e-5)
+    assert np.abs(engines["idefics3"].encode_image([image])[0] - want).max() > 1e-3
+    assert capped.backbone.preprocessing_key() != engines["idefics3"].backbone.preprocessing_key()
+    with pytest.raises(ConfigError, match="below the model's minimum of 1024 pixels"):
+        E5V.from_pretrained(path, device="cpu", image_max_pixels=1000)
+
+
+@pytest.mark.parametrize("size, tile, seq_len, want", [
+    (1456, 364, 169, 13 * 169),  # HuggingFaceM4/Idefics3-8B-Llama3: 3 x 4 tiles + the global image
+    (2048, 512, 64, 13 * 64),    # HuggingFaceTB/SmolVLM-256M/500M-Instruct, SmolVLM2-256M/500M-Video-Instruct
+    (1536, 384, 81, 13 * 81),    # HuggingFaceTB/SmolVLM-Instruct (2.2B), SmolVLM2-2.2B-Instruct
+])
+def test_image_tokens_of_a_640x480_image_with_the_real_settings(size, tile, seq_len, want):
+    """The counts of the backbone table (docs/backbones.md): the real checkpoints' processor settings."""
+    from e5v.backbones.idefics3 import expand_image
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": size}, max_image_size={"longest_edge": tile})
+    enc = ip(images=[[Image.new("RGB", (640, 480))]], return_row_col_info=True)
+    assert (enc["rows"][0][0], enc["cols"][0][0]) == (3, 4)
+    assert expand_image(3, 4, seq_len).count("<image>") == want == len(enc["pixel_values"][0]) * seq_len
