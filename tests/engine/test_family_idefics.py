@@ -5,12 +5,16 @@ SmolVLM (whose processor needs torchvision) its PIL image processor, the process
 template renders them (a BOS the Llama-3 template writes is the tokenizer's, added once)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoTokenizer, Idefics3Processor
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
@@ -42,7 +46,11 @@ class Reference:
         self.family = family
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         if family == "idefics3":
-            self.processor = AutoProcessor.from_pretrained(path, backend="pil")
+            # built from its parts: on transformers 5.17 the auto classes do not resolve the PIL image processor
+            settings = json.loads((Path(path) / "processor_config.json").read_text())
+            self.processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(path),
+                                               tokenizer=AutoTokenizer.from_pretrained(path),
+                                               image_seq_len=settings["image_seq_len"])
             self.tokenizer = self.processor.tokenizer
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
