@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one run (about 9 minutes on one H100): embedding speed (official
-# recipe vs e5v's engine, benchmarks/embed_speed.py) and the training step (benchmarks/train_step.py).
+# Every GPU measurement of the project in one run (about 12 minutes on one H100): embedding speed (official
+# recipe vs e5v's engine, benchmarks/embed_speed.py) and the training step (benchmarks/train_step.py): text
+# triplets, then image-caption pairs through the whole llama3-llava-next-8b (random weights; --images).
 # Results go to $OUT (default: benchmarks/results): JSON, markdown, logs, and the environment.
 #
 #   bash benchmarks/gpu_all.sh                    # on the GPU machine (torch 2.11, transformers 5.17, offline)
@@ -8,7 +9,7 @@
 #
 # PYTHON: the interpreter (default python3; it needs torch, transformers, peft and accelerate, nothing more).
 #
-# Each step has its own time limit (EMBED_S, TRAIN_S seconds) and writes its results as it goes, so one
+# Each step has its own time limit (EMBED_S, TRAIN_S, TRAIN_IMAGES_S seconds) and writes its results as it goes, so one
 # step that fails or runs out of time keeps what it measured and does not stop the other.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +22,15 @@ export TOKENIZERS_PARALLELISM=false
 if [ "${E5V_BENCH_TINY:-0}" = "1" ]; then
   EMBED_ARGS=(--tiny --device cpu --images 4 --texts 32 --workers 2 --image-batches 1,2 --text-batches 15,32 --variants packed,grouped)
   TRAIN_ARGS=(--tiny --device cpu --triplets 8 --chunk 8 --steps 1)
-  EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-200}"
+  TRAIN_IMAGES_ARGS=(--images --tiny --device cpu --dtype float32 --triplets 2 --chunk 2 --steps 1 --warmup 0 --lora-r 8)
+  EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-200}" TRAIN_IMAGES_S="${TRAIN_IMAGES_S:-200}"
 else
   EMBED_ARGS=(--device cuda --dtype bfloat16 --images 64 --texts 1024 --workers 8 --image-batches 1,8 --text-batches 15,256 --variants packed,grouped,flex)
   TRAIN_ARGS=(--device cuda --dtype bfloat16 --triplets 128 --tokens 44 --chunk 96 --steps 3)
-  EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-230}"
+  # 32 COCO-sized images (about 2,340 tokens each at full AnyRes) and their captions, 2 sequences per chunk
+  # (about 4,700 tokens per forward pass without checkpointing: fits an 80 GB GPU)
+  TRAIN_IMAGES_ARGS=(--images --device cuda --dtype bfloat16 --triplets 32 --chunk 2 --steps 2 --warmup 1)
+  EMBED_S="${EMBED_S:-300}" TRAIN_S="${TRAIN_S:-230}" TRAIN_IMAGES_S="${TRAIN_IMAGES_S:-200}"
 fi
 
 {
@@ -45,6 +50,8 @@ timeout -k 10 "$EMBED_S" "$PY" benchmarks/embed_speed.py "${EMBED_ARGS[@]}" \
 if [ -f benchmarks/train_step.py ]; then
   echo "== training step (limit ${TRAIN_S}s)"
   timeout -k 10 "$TRAIN_S" "$PY" benchmarks/train_step.py "${TRAIN_ARGS[@]}" 2>&1 | tee "$OUT/train_step.log" || status=1
+  echo "== training step with images (limit ${TRAIN_IMAGES_S}s)"
+  timeout -k 10 "$TRAIN_IMAGES_S" "$PY" benchmarks/train_step.py "${TRAIN_IMAGES_ARGS[@]}" 2>&1 | tee -a "$OUT/train_step.log" || status=1
   grep '^{' "$OUT/train_step.log" > "$OUT/train_step.jsonl" || true
 fi
 

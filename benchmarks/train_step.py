@@ -10,8 +10,16 @@ ships (src/e5v/bench/llama3-llava-next-8b/config.json, its ``text_config``); LoR
 on q,k,v,o,gate,up,down; sentences of ``--tokens`` tokens (prompt included), a third of them hard negatives.
 Prints one JSON line per path.
 
+``--images``: e5v's step on image-caption pairs through the whole multimodal model (``images`` path): each image
+(COCO-sized JPEG, the image prompt, AnyRes tiles) against its caption (the text prompt), the vision tower frozen
+(``--train-projector``, ``--vision-lora`` to train it); the real llama3-llava-next-8b architecture with random
+weights, ``--tiny`` its geometry with narrow layers, or ``--model DIR`` a checkpoint (e.g. the bundled mini model).
+Reports sentences/s (images and captions), images/s and the peak memory (GPU: allocated; CPU: the process's RSS).
+
 GPU:   python benchmarks/train_step.py --device cuda --dtype bfloat16 --triplets 128 --chunk 96
+       python benchmarks/train_step.py --images --device cuda --dtype bfloat16 --triplets 64 --chunk 16
 CPU:   python benchmarks/train_step.py --tiny
+       python benchmarks/train_step.py --images --model src/e5v/toyworld/mini-before-c --triplets 32 --chunk 16
 """
 from __future__ import annotations
 
@@ -75,35 +83,100 @@ def run(args) -> list[dict]:
             continue
         set_checkpointing(model.lm, ckpt)
         model.lm.train()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            res = contrastive_step(encode, *batch, chunk_size=chunk, sort_by_length=True, device=device)
-            torch.nn.utils.clip_grad_norm_(model.trainable, 1.0)
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        sec = sorted(times)[len(times) // 2]
-        checkpointing = getattr(model.lm, "is_activation_checkpointing", None)  # transformers >= 5.24
-        checkpointing = model.lm.is_gradient_checkpointing if checkpointing is None else checkpointing
+        sec, res = timed_steps(args, device, model, opt, lambda chunk=chunk: contrastive_step(
+            encode, *batch, chunk_size=chunk, sort_by_length=True, device=device))
         results.append({"path": name, "triplets": n, "tokens": args.tokens, "chunk_sequences": min(chunk, 3 * n),
-                        "chunks": res.chunks, "checkpointing": bool(checkpointing),
+                        "chunks": res.chunks, "checkpointing": _checkpointing(model.lm),
                         "sentences_per_s": round(3 * n / sec, 2), "step_s": round(sec, 4), "loss": round(res.loss, 4),
-                        "device": str(device),
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                        "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-                        if device.type == "cuda" else None, "dtype": args.dtype, "tiny": args.tiny,
-                        "build_s": round(build_s, 1), "compile": args.compile})
+                        **_where(args, device), "build_s": round(build_s, 1), "compile": args.compile})
         print(json.dumps(results[-1]), flush=True)
     return results
+
+
+def timed_steps(args, device, model, opt, step):
+    """(median seconds, last result) of ``args.steps`` optimiser steps after ``args.warmup``; peak memory counted
+    from here."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        res = step()
+        torch.nn.utils.clip_grad_norm_(model.trainable, 1.0)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], res
+
+
+def _checkpointing(lm) -> bool:
+    on = getattr(lm, "is_activation_checkpointing", None)  # transformers >= 5.24
+    return bool(lm.is_gradient_checkpointing if on is None else on)
+
+
+def _where(args, device) -> dict:
+    import resource
+
+    gpu = device.type == "cuda"
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if gpu else None,
+            "peak_rss_gib": None if gpu else round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "dtype": args.dtype, "tiny": args.tiny}
+
+
+def run_images(args) -> list[dict]:
+    """e5v's step on image-caption pairs through the whole multimodal model (module docstring)."""
+    from e5v import prompts
+    from e5v.bench.inputs import make_images, make_texts
+    from e5v.items import Item
+    from e5v.train.embed import EngineSentences
+    from e5v.train.gradcache import contrastive_step
+    from e5v.train.model import add_lora, load_language_model
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.model:
+        from e5v.train.trainer import training_backbone
+
+        lm, config, full = load_language_model(args.model, dtype=dtype, device=device, load_vision=True)
+        backbone = training_backbone(args.model, config, full)
+    else:
+        from e5v.bench.model import build_backbone, build_config
+
+        backbone = build_backbone(build_config(tiny=args.tiny), device=device, dtype=dtype,
+                                  attn_implementation=args.attn)
+        full, lm = backbone.model, backbone.model.model.language_model
+    build_s = time.perf_counter() - t0
+    model = add_lora(lm, r=args.lora_r, alpha=16, dropout=0.05, gradient_checkpointing=args.e5v_checkpointing,
+                     full=full, train_projector=args.train_projector, vision_lora=args.vision_lora)
+    mode = EngineSentences(backbone, max_length=backbone.max_length, multimodal=True)
+    encode = mode.encoder(model.runner, device, autocast=dtype if dtype != torch.float32 else None)
+    opt = torch.optim.AdamW(model.trainable, lr=1e-5)
+    n = args.triplets
+    t0 = time.perf_counter()
+    images = [mode.preparer.prepare(Item(image=b, name=f"image {i}"), prompts.IMAGE_PROMPT)
+              for i, b in enumerate(make_images(n))]
+    captions = [mode.prepare_side(t) for t in make_texts(n, backbone)]
+    prepare_s = time.perf_counter() - t0
+    sec, res = timed_steps(args, device, model, opt, lambda: contrastive_step(
+        encode, images, captions, [], chunk_size=args.chunk, sort_by_length=True, device=device))
+    result = {"path": "images", "pairs": n, "image_tokens": round(sum(map(len, images)) / n),
+              "caption_tokens": round(sum(map(len, captions)) / n), "chunk_sequences": min(args.chunk, 2 * n),
+              "chunks": res.chunks, "checkpointing": _checkpointing(model.lm),
+              "trained": "lm-lora" + ("+projector" if args.train_projector else "")
+              + ("+vision-lora" if args.vision_lora else ""),
+              "sentences_per_s": round(2 * n / sec, 2), "images_per_s": round(n / sec, 2), "step_s": round(sec, 4),
+              "prepare_s": round(prepare_s, 2), "loss": round(res.loss, 4), **_where(args, device),
+              "model": args.model or ("llama3-llava-next-8b (random)" if not args.tiny else "tiny llava-next"),
+              "build_s": round(build_s, 1)}
+    print(json.dumps(result), flush=True)
+    return [result]
 
 
 def main(argv=None):
@@ -111,7 +184,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--tiny", action="store_true", help="a tiny config of the same family (CPU smoke run)")
-    p.add_argument("--triplets", type=int, default=128, help="contrastive batch, in triplets")
+    p.add_argument("--triplets", type=int, default=128, help="contrastive batch, in triplets (--images: pairs)")
     p.add_argument("--tokens", type=int, default=44, help="tokens per sentence, prompt included")
     p.add_argument("--chunk", type=int, default=96, help="e5v: sequences per GradCache chunk")
     p.add_argument("--e5v-checkpointing", action="store_true", help="e5v: also checkpoint (bigger chunks)")
@@ -121,8 +194,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--images", action="store_true", help="image-caption pairs through the whole model")
+    p.add_argument("--model", default="", help="--images: a checkpoint directory instead of the random 8B")
+    p.add_argument("--train-projector", action="store_true", help="--images: train the projector too")
+    p.add_argument("--vision-lora", action="store_true", help="--images: LoRA on the vision tower too")
     args = p.parse_args(argv)
-    return run(args)
+    return run_images(args) if args.images else run(args)
 
 
 if __name__ == "__main__":

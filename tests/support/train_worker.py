@@ -15,14 +15,18 @@ def lora_model(model_dir: str, *, dropout: float = 0.0, b_std: float = 0.05, che
     every LoRA weight gets a gradient and dropout changes the output."""
     from e5v.train.model import add_lora, load_language_model
 
-    lm, _ = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
+    lm, _, _ = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = add_lora(lm, r=4, alpha=8, dropout=dropout, gradient_checkpointing=checkpointing)
+    return lm, _random_b(model, b_std)
+
+
+def _random_b(model, b_std: float):
     with torch.no_grad():
-        for n, p in model.peft.named_parameters():
+        for n, p in model.named_trainable().items():
             if "lora_B" in n:
                 p.normal_(0, b_std)
-    return lm, model
+    return model
 
 
 def sentences(model_dir: str, **options):
@@ -36,18 +40,40 @@ def sentences(model_dir: str, **options):
     return EngineSentences(backbone, max_length=2048, **options)
 
 
+def image_model(model_dir: str, *, dropout: float = 0.0, b_std: float = 0.05, train_projector: bool = True,
+                vision_lora: bool = True):
+    """(LoraModel, EngineSentences) for data with images: the whole tiny model, seeded LoRA on the LM (and on the
+    tower) with random B matrices, the projector trainable; the mode embeds through the multimodal model."""
+    from e5v.train.embed import EngineSentences
+    from e5v.train.model import add_lora, load_language_model
+    from e5v.train.trainer import training_backbone
+
+    lm, config, full = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"),
+                                           load_vision=True)
+    backbone = training_backbone(model_dir, config, full)
+    torch.manual_seed(0)
+    model = add_lora(lm, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False, full=full,
+                     train_projector=train_projector, vision_lora=vision_lora)
+    return _random_b(model, b_std), EngineSentences(backbone, max_length=2048, multimodal=True)
+
+
 def grads(model_dir: str, data: str, out: str) -> None:
-    """This process's shard of one global batch: loss and gradients after the sum over processes."""
-    from e5v.train.data import read_triplets, shard
+    """This process's shard of one global batch: loss and gradients after the sum over processes (data with
+    images: through the whole model, the projector and tower LoRA trained too)."""
+    from e5v.train.data import has_images, read_triplets, shard
     from e5v.train.gradcache import contrastive_step
     from e5v.train.loss import all_reduce_grads
     from e5v.train.trainer import init_distributed
 
     rank, size, _ = init_distributed()
-    lm, model = lora_model(model_dir)
-    sents = sentences(model_dir)
-    anchors, positives, negatives, _ = sents.inputs(shard(read_triplets(data), rank, size))
-    res = contrastive_step(sents.encoder(lm, torch.device("cpu")), anchors, positives, negatives,
+    rows = read_triplets(data)
+    if has_images(rows):
+        model, sents = image_model(model_dir)
+    else:
+        _, model = lora_model(model_dir)
+        sents = sentences(model_dir)
+    anchors, positives, negatives, _ = sents.inputs(shard(rows, rank, size))
+    res = contrastive_step(sents.encoder(model.runner, torch.device("cpu")), anchors, positives, negatives,
                            chunk_size=int(os.environ.get("CHUNK", 4)))
     all_reduce_grads(model.trainable)
     if rank == 0:

@@ -24,3 +24,16 @@ def test_one_step_learns_on_toy_triplets(tiny_dirs, family, tmp_path):
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # one epoch is one step: both steps see the same 12 triplets, the second after one update
     assert len(losses) == 2 and losses[1] < losses[0] - 1e-3, losses
+
+
+def test_official_quirks_refuse_a_template_chat_format(tiny_dirs, tmp_path):
+    """official_quirks reproduces E5-V's own chat formats; a family rendered by its checkpoint's template is refused
+    with the reason, not a KeyError."""
+    from e5v.errors import ConfigError
+
+    data = write_csv(tmp_path / "nli.csv", [triplet(i) for i in range(4)])
+    cfg = make_config(model=str(tiny_dirs["gemma3"]), data=str(data), output_dir=str(tmp_path / "run"),
+                      batch_size=4, max_steps=1, official_quirks=True, dtype="float32", device="cpu",
+                      progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match="official_quirks reproduces E5-V's own chat formats"):
+        train(cfg)

@@ -126,7 +126,8 @@ def test_text_training_loads_the_language_model_only(tiny_dirs):
     from e5v.train.model import load_language_model
 
     path = str(tiny_dirs["e5v-like"])
-    lm, config = load_language_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    lm, config, full = load_language_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    assert full is None
     assert config.vision_config is not None  # a multimodal checkpoint ...
     assert not any("vision" in n or "projector" in n for n, _ in lm.named_parameters())  # ... its LM alone
     ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).model.language_model.state_dict()

@@ -16,7 +16,8 @@ from e5v.train.parallel import accelerate_choice, deepspeed_config
 
 from e5v.serve.server import free_port
 from support import ROOT
-from support.training import WORKER, env, triplet, write_csv
+from e5v.adapters import VISION_FILE
+from support.training import WORKER, env, image_rows, triplet, write_csv
 
 ZERO2, ZERO3 = str(ROOT / "configs/deepspeed/zero2.json"), str(ROOT / "configs/deepspeed/zero3.json")
 
@@ -27,6 +28,41 @@ def _has_deepspeed() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _run_strategies(tmp_path, cfg: dict, variants: dict, *, files=("adapter_model.safetensors",), close=None):
+    """Train ``cfg`` on 2 processes once per variant (and resumed from step 1): every variant ends with the losses,
+    gradient norms and weights (each file of ``files``) of the plain all-reduce run, and its resumption with the
+    same weights exactly. ``close(a, b)``: the gradient-norm check (default: 1e-5 apart)."""
+    from safetensors.torch import load_file
+
+    close = close or (lambda a, b: abs(a - b) < 1e-5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER, "strategies", json.dumps(cfg),
+           json.dumps(variants)]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def run(name):
+        folder = tmp_path / "runs" / name
+        log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+        weights = {}
+        for f in files:
+            weights.update({f"{f}:{k}": v for k, v in load_file(str(folder / "adapter" / f)).items()})
+        return log, weights
+
+    ref_log, ref = run("ddp")
+    for name in variants:
+        log, weights = run(name)
+        assert weights.keys() == ref.keys()
+        for r, want in zip(log, ref_log, strict=True):
+            assert abs(r["loss"] - want["loss"]) < 1e-5 and close(r["grad_norm"], want["grad_norm"]), name
+        assert max(float((weights[k] - ref[k]).abs().max()) for k in ref) < 1e-5, name
+        resumed_log, resumed = run(name + "-resumed")
+        assert resumed_log[0].get("before_kill"), f"{name}: the second run did not resume from step 1"
+        assert [r["step"] for r in resumed_log] == [1, 2]
+        assert all(torch.equal(resumed[k], weights[k]) for k in weights), name
+    return ref_log, ref
 
 
 @pytest.mark.slow
@@ -43,36 +79,39 @@ def test_strategies_equal_plain_and_resume_exactly(tiny_dirs, tmp_path):
     cfg = dict(model=str(tiny_dirs["e5v-like"]), data=str(data), output_dir=str(tmp_path / "runs"), batch_size=12,
                micro_batch_size=8, warmup_steps=1, learning_rate=2e-3, lora_r=8, lora_dropout=0.1, max_steps=2,
                save_steps=1, gradient_checkpointing=False, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", WORKER, "strategies", json.dumps(cfg),
-           json.dumps(variants)]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    def run(name):
-        folder = tmp_path / "runs" / name
-        log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
-        return log, load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-
-    ref_log, ref = run("ddp")
+    ref_log, ref = _run_strategies(tmp_path, cfg, variants)
     assert [r["step"] for r in ref_log] == [1, 2] and all(r["chunks"] == 3 for r in ref_log)
     base = load_file(str(tmp_path / "runs" / "ddp" / "checkpoints" / "step-000001" / "adapter_model.safetensors"))
+    ref = {k.split(":", 1)[1]: v for k, v in ref.items()}
     assert max(float((ref[k] - base[k]).abs().max()) for k in ref) > 1e-3  # step 2 really moved the weights
-    for name in variants:
-        log, weights = run(name)
-        assert weights.keys() == ref.keys()
-        for r, want in zip(log, ref_log, strict=True):
-            assert abs(r["loss"] - want["loss"]) < 1e-5 and abs(r["grad_norm"] - want["grad_norm"]) < 1e-5, name
-        assert max(float((weights[k] - ref[k]).abs().max()) for k in ref) < 1e-5, name
-        resumed_log, resumed = run(name + "-resumed")
-        assert resumed_log[0].get("before_kill"), f"{name}: the second run did not resume from step 1"
-        assert [r["step"] for r in resumed_log] == [1, 2]
-        assert all(torch.equal(resumed[k], weights[k]) for k in weights), name
     if _has_deepspeed():  # DeepSpeed's own checkpoint: optimizer partitions of both ranks, no frozen base weights
         ds = tmp_path / "runs" / "zero2" / "checkpoints" / "step-000002" / "deepspeed"
         assert len(list(ds.glob("zero_pp_rank_*_optim_states.pt"))) == 2
         saved = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
         assert saved and all("lora_" in k for k in saved)
+
+
+@pytest.mark.slow
+def test_strategies_with_images_equal_plain_and_resume_exactly(tiny_dirs, tmp_path):
+    """Image sides, LoRA on the LM and the tower, the projector trained, LoRA dropout on; a corrupt image skipped.
+    The processes' shards differ: one runs an image chunk where the other runs texts only, and at step 2 one runs
+    2 chunks, the other 3. ZeRO-2, ZeRO-3 (every parameter partitioned: persistence threshold 0) and FSDP2 keep
+    the processes in lockstep (filler chunks, a weight-0 dummy image) and end as the plain run, resumed too."""
+    variants = {"ddp": {}, "fsdp": {"fsdp": True}}
+    if _has_deepspeed():
+        zero3 = json.loads(Path(ZERO3).read_text())
+        zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+        variants.update(zero2={"deepspeed": ZERO2}, zero3={"deepspeed": str(tmp_path / "zero3.json")})
+    data = image_rows(tmp_path, 12, corrupt=(1,))
+    cfg = dict(model=str(tiny_dirs["e5v-like"]), data=str(data), output_dir=str(tmp_path / "runs"), batch_size=6,
+               micro_batch_size=3, warmup_steps=0, learning_rate=2e-3, lora_r=4, lora_dropout=0.1, max_steps=2,
+               save_steps=1, gradient_checkpointing=False, progress=False, tensorboard=False, train_projector=True,
+               vision_lora=True)
+    ref_log, ref = _run_strategies(tmp_path, cfg, variants, files=("adapter_model.safetensors", VISION_FILE),
+                                   close=lambda a, b: abs(a - b) <= 1e-6 * b)  # norms of about 100
+    assert [r["skipped"] for r in ref_log] == [0, 1] and all(r["images_per_s"] > 0 for r in ref_log)
+    assert any(k.startswith(f"{VISION_FILE}:vision_tower.") for k in ref)
 
 
 def test_deepspeed_config_auto_values_and_errors(tmp_path):

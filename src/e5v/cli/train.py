@@ -10,9 +10,12 @@ import os
 def add_parsers(sub) -> None:
     from ..train.config import add_config_flags
 
-    p = sub.add_parser("train", help="fine-tune a backbone's language model with the E5-V text-only recipe",
+    p = sub.add_parser("train", help="fine-tune a backbone contrastively (E5-V's text recipe; images on any side)",
                        description="LoRA + InfoNCE with hard negatives over the global batch (GradCache), the "
-                                   "official run's settings by default. Every setting is a flag and a key of the "
+                                   "official run's settings by default. Data: text triplets (csv/jsonl/parquet), "
+                                   "JSONL records with query/positive/negative sides (text, image or both) or "
+                                   "MMEB-train columns; several files separated by commas (--data-weights, "
+                                   "--single-source-batches). Every setting is a flag and a key of the "
                                    "--config file (YAML or JSON); flags override the file. Multi-GPU: launch "
                                    "with torchrun, accelerate launch (configs/accelerate/) or deepspeed "
                                    "--no_local_rank --module e5v.cli; "

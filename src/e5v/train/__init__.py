@@ -1,5 +1,6 @@
-"""E5-V's text-only contrastive training: LoRA on the language model, InfoNCE over the global batch with hard
-negatives, GradCache, multi-process (torchrun / accelerate launch), exact resume; ``e5v train`` and ``e5v merge``.
+"""E5-V's contrastive training: LoRA on the language model, InfoNCE over the global batch with hard negatives,
+GradCache, multi-process (torchrun / accelerate launch), exact resume; text triplets (the E5-V recipe) or sides with
+images (the whole model, the vision side frozen or trained); ``e5v train`` and ``e5v merge``.
 
 ``from e5v.train import TrainConfig, make_config, train`` (imports torch/transformers lazily); merging an adapter
 into its base: ``from e5v.train.merge import merge``."""

@@ -14,7 +14,9 @@ from ..errors import ConfigError
 @dataclass
 class TrainConfig:
     model: str = ""                  # base checkpoint (hub id or directory), e.g. a llama3-llava-next-8b copy
-    data: str = ""                   # .csv (sent0,sent1,hard_neg), .jsonl or .parquet
+    data: str = ""                   # .csv (sent0,sent1,hard_neg), .jsonl or .parquet; several: a.csv,b.jsonl
+    data_weights: str = ""           # several files: each one's share of a batch ("0.7,0.3"); empty: by size
+    single_source_batches: bool = False  # several files: each global batch from one file, drawn by data_weights
     output_dir: str = "e5v-train"    # checkpoints/, adapter/, log.jsonl
     prompt: str = ""                 # inner prompt with <sent>; empty: e5v's text prompt (the inference one)
     chat_format: str = ""            # llama3, mistral, vicuna, qwen; empty: detected from the tokenizer
@@ -40,6 +42,8 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     load_in_4bit: str = "auto"       # true, false, auto (QLoRA NF4 when bitsandbytes and a GPU are present)
     load_vision: bool = False        # load the whole multimodal model (the vision tower stays frozen)
+    train_projector: bool = False    # data with images: also train the projector's weights
+    vision_lora: bool = False        # data with images: also LoRA (lora_r, lora_alpha) on the vision tower
     dtype: str = "auto"              # auto: bf16 on a GPU that has it, else fp16; fp32 on CPU
     gradient_checkpointing: bool = True
     attn_implementation: str = ""    # sdpa, eager, flash_attention_2 ...
@@ -69,6 +73,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.deepspeed and self.fsdp:
             raise ConfigError("choose one of deepspeed and fsdp")
+        if self.official_quirks and (self.train_projector or self.vision_lora):
+            raise ConfigError("official_quirks is the text-only release; drop train_projector and vision_lora")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         return self

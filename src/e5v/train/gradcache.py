@@ -51,10 +51,16 @@ def plan_chunks(lengths: list[int], chunk_size: int, sort_by_length: bool) -> li
     return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
 
 
+def count_chunks(sequences: int, chunk_size: int, plan: list[list[int]] | None = None) -> int:
+    """How many chunks :func:`contrastive_step` runs for ``sequences`` (before ``min_chunks``)."""
+    return len(plan) if plan is not None else -(-sequences // max(1, int(chunk_size)))
+
+
 def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: list, *, temperature: float = 0.05,
                      chunk_size: int = 72, sort_by_length: bool = True, device: torch.device = CPU,
                      backward: Callable[[torch.Tensor, bool], None] | None = None,
-                     plan: list[list[int]] | None = None, filler: list | None = None) -> StepResult:
+                     plan: list[list[int]] | None = None, filler: list | None = None,
+                     min_chunks: int = 0) -> StepResult:
     """Forward and backward of the InfoNCE loss for this process's shard of the global batch.
 
     ``encode(chunk of sequences) -> (n, d)`` embeds one chunk (sequences: anything with a length in tokens);
@@ -62,30 +68,37 @@ def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: 
     back-propagates one chunk's tensor (``last``: the step's final backward): a parallel strategy's hook (loss
     scaling, DeepSpeed's engine, FSDP's gradient sync); default ``tensor.backward()``. ``plan``: the chunks as
     index lists into ``anchors + positives + negatives`` (default: ``chunk_size`` sequences, sorted by length).
-    ``filler``: a chunk to run with weight 0 when this process's shard is empty (a last batch shorter than the
-    process count), so that it takes part in every collective exactly as the others do.
+    ``filler``: a chunk to run with weight 0 when this process has fewer chunks than ``min_chunks`` (an empty
+    shard: a last batch shorter than the process count, or rows left out), so that it takes part in every
+    collective exactly as the others do. ``min_chunks``: the most chunks any process runs in this step, for
+    strategies whose forward and backward passes are collectives (ZeRO-3, FSDP); above 1, every process runs the
+    two GradCache passes over that many chunks.
     """
     backward = backward or (lambda t, last: t.backward())
     seqs = anchors + positives + negatives
-    if not seqs:
-        if not filler:
-            raise ValueError("an empty shard needs a filler chunk")
-        emb = encode(filler)
-        none = emb.detach()[:0]
-        loss, cands = global_info_nce(none, none, none, temperature=temperature)
-        backward((emb * 0).sum(), True)  # zero gradients, but the strategy's hooks and reductions run
-        return StepResult(float(loss.detach()), cands, 0, 0, 0)
     na, npos = len(anchors), len(positives)
-    chunks = plan if plan is not None else plan_chunks([len(s) for s in seqs], max(1, int(chunk_size)),
-                                                       sort_by_length)
+    chunks: list = plan if plan is not None else plan_chunks([len(s) for s in seqs], max(1, int(chunk_size)),
+                                                             sort_by_length)
     padded = sum(len(c) * max(len(seqs[k]) for k in c) for c in chunks)
+    fill = max(int(min_chunks), 1 if not chunks else 0) - len(chunks)
+    if fill > 0 and not filler:
+        raise ValueError("an empty shard, or fewer chunks than min_chunks, needs a filler chunk")
+    chunks = list(chunks) + [None] * max(0, fill)  # None: the filler, weight 0
 
     def split(reps: torch.Tensor):
         return reps[:na], reps[na:na + npos], reps[na + npos:]
 
+    def run(c):
+        return encode(filler if c is None else [seqs[k] for k in c])
+
     if len(chunks) == 1:  # plain path: the local batch fits in one forward pass
         order = chunks[0]
-        emb = encode([seqs[k] for k in order])
+        emb = run(order)
+        if order is None:
+            none = emb.detach()[:0]
+            loss, cands = global_info_nce(none, none, none, temperature=temperature)
+            backward((emb * 0).sum(), True)  # zero gradients, but the strategy's hooks and reductions run
+            return StepResult(float(loss.detach()), cands, 0, 0, 0)
         reps = torch.empty_like(emb).index_copy(0, torch.as_tensor(order, device=emb.device), emb)
         loss, cands = global_info_nce(*split(reps), temperature=temperature)
         backward(loss, True)
@@ -95,19 +108,24 @@ def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: 
     with torch.no_grad():
         for c in chunks:
             states.append(_rng_state(device))
-            parts.append(encode([seqs[k] for k in c]).float())
-    index = torch.as_tensor([k for c in chunks for k in c], device=parts[0].device)
-    reps = torch.empty((len(seqs), parts[0].shape[1]), device=parts[0].device)
-    reps.index_copy_(0, index, torch.cat(parts))
+            emb = run(c).float()
+            if c is not None:
+                parts.append(emb)
+    width = emb.shape[1]
+    real = [c for c in chunks if c is not None]
+    reps = torch.empty((len(seqs), width), device=emb.device)
+    if real:
+        reps.index_copy_(0, torch.as_tensor([k for c in real for k in c], device=emb.device), torch.cat(parts))
     reps.requires_grad_(True)
     loss, cands = global_info_nce(*split(reps), temperature=temperature)
-    loss.backward()
+    if seqs:
+        loss.backward()
     cached = reps.grad
     after = _rng_state(device)
     for i, (c, state) in enumerate(zip(chunks, states)):
         _set_rng_state(state, device)
-        emb = encode([seqs[k] for k in c]).float()
-        g = cached.index_select(0, torch.as_tensor(c, device=cached.device))
+        emb = run(c).float()
+        g = emb.new_zeros(()) if c is None else cached.index_select(0, torch.as_tensor(c, device=cached.device))
         backward((emb * g).sum(), i == len(chunks) - 1)
     _set_rng_state(after, device)
-    return StepResult(float(loss.detach()), cands, len(seqs), padded, len(chunks))
+    return StepResult(float(loss.detach()), cands, len(seqs), padded, len(real))

@@ -47,7 +47,11 @@ def all_reduce_grads(params) -> None:
     """Sum the gradients of all processes (see the module docstring for why a sum, not a mean)."""
     if world()[1] == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    params = list(params)
+    for p in params:  # a parameter this process's chunks did not reach (a tower without images here): zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

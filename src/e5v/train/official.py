@@ -68,6 +68,10 @@ class OfficialQuirks:
             raise ConfigError(f"the training prompt must contain {prompts.SENT}: {inner!r}")
         # the official training script: llama3_template.format(TEMPLATE), then generate_sentemb_prompt's
         # template.replace('_', ' ')
+        if backbone.chat_format not in prompts.CHAT_FORMATS:
+            raise ConfigError(f"official_quirks reproduces E5-V's own chat formats "
+                              f"({', '.join(prompts.CHAT_FORMATS)}), not {backbone.chat_format!r}: train this "
+                              "backbone without official_quirks")
         self.template = prompts.CHAT_FORMATS[backbone.chat_format].format(inner).replace("_", " ")
         self.cutoff_len = int(cutoff_len)
         self.group_size = max(1, int(group_size))

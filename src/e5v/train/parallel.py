@@ -15,6 +15,11 @@ backward tensor is multiplied by the world size there.
   Checkpoints: the engine's own (optimizer partitions, schedule), without the frozen base weights.
 - :class:`FSDP`: torch's ``fully_shard`` (FSDP2) on every decoder layer and the language model; gradient sync
   only on the last chunk; checkpoints hold the full optimizer state (any world size can resume).
+
+DeepSpeed and FSDP gather parameters and reduce gradients inside the forward and backward passes, so every process
+must run the same modules the same number of times (``lockstep``): each process runs as many GradCache chunks as
+the busiest one (weight-0 filler chunks), and with images each chunk runs the vision side (a dummy image, weight
+0, where a chunk has none; :meth:`e5v.train.embed.EngineSentences.vision_in_lockstep`).
 """
 from __future__ import annotations
 
@@ -113,13 +118,14 @@ class Plain:
     """One process, or gradients summed with one all-reduce (torchrun / accelerate launch MULTI_GPU)."""
 
     name = "ddp"
+    lockstep = False  # one all-reduce per step: processes may run different chunks
 
     def __init__(self, model, make_optimizer, make_scheduler, *, max_grad_norm: float, scaler=None):
         self.model, self.scaler = model, scaler
         self.optimizer = make_optimizer(model.trainable)
         self.scheduler = make_scheduler(self.optimizer)
         self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        self.runner = model.lm
+        self.runner = model.runner
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -158,20 +164,23 @@ class Plain:
 
 
 class _EngineModule(torch.nn.Module):
-    """What DeepSpeed wraps: the peft model (all parameters); its forward runs the base LM (with LoRA)."""
+    """What DeepSpeed wraps: the module that holds every trainable parameter (the peft model; the multimodal base
+    model for data with images); its forward runs the encoder's runner (the base LM with LoRA, or that base)."""
 
-    def __init__(self, peft):
+    def __init__(self, model):
         super().__init__()
-        self.peft = peft
+        self.peft = model.root  # the attribute's name keys DeepSpeed's checkpoints: kept for their resumption
+        self.run = (model.runner,)  # in a tuple: not registered twice
 
     def forward(self, **batch):
-        return self.peft.base_model.model.model(**batch)
+        return self.run[0](**batch)
 
 
 class DeepSpeed:
     """``deepspeed.initialize`` (ZeRO-2/3) with e5v's optimizer and schedule; one engine step per global batch."""
 
     name = "deepspeed"
+    lockstep = True
 
     def __init__(self, model, make_optimizer, make_scheduler, *, ds_config: dict, world_size: int):
         deepspeed = require_deepspeed()
@@ -180,7 +189,7 @@ class DeepSpeed:
         optimizer = make_optimizer(model.trainable)
         self.scheduler = make_scheduler(optimizer)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=_EngineModule(model.peft), optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config)
+            model=_EngineModule(model), optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config)
         self.runner = self.engine  # the engine's forward: ZeRO-3 gathers parameters, counts backward passes
 
     def zero_grad(self) -> None:
@@ -219,9 +228,11 @@ class DeepSpeed:
 
 
 class FSDP:
-    """FSDP2 (``fully_shard``) on every decoder layer and the language model."""
+    """FSDP2 (``fully_shard``) on every decoder layer and the language model (with images: the multimodal base
+    model, whose unit holds the vision side and the LM's embeddings)."""
 
     name = "fsdp"
+    lockstep = True
 
     def __init__(self, model, make_optimizer, make_scheduler, *, max_grad_norm: float, dtype: torch.dtype,
                  world_size: int):
@@ -238,8 +249,8 @@ class FSDP:
             raise ConfigError(f"FSDP: no decoder layer ({sorted(units)}) found in {type(lm).__name__}")
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
-        fully_shard(lm, mp_policy=mp)
-        self.runner = lm
+        fully_shard(model.runner, mp_policy=mp)  # the rest of the runner (the multimodal one embeds the tokens)
+        self.runner = model.runner
         self.optimizer = make_optimizer(model.trainable)  # after sharding: the optimizer holds the shards
         self.scheduler = make_scheduler(self.optimizer)
 

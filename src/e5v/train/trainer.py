@@ -1,17 +1,19 @@
-"""The training loop: E5-V's text-only contrastive recipe, on one process or many (torchrun, accelerate launch,
-the deepspeed launcher).
+"""The training loop: E5-V's contrastive recipe (text triplets, or sides with images), on one process or many
+(torchrun, accelerate launch, the deepspeed launcher).
 
 One optimiser step = one global contrastive batch (``batch_size`` triplets, split across processes), run through
 :func:`e5v.train.gradcache.contrastive_step`; gradients summed over processes, clipped, AdamW, linear warm-up
 then linear decay. What is embedded and how: :mod:`e5v.train.embed` (the engine's own code) or, with
 ``official_quirks``, :mod:`e5v.train.official`. How the processes share the work (plain all-reduce, DeepSpeed
 ZeRO-2/3, FSDP2) is a strategy of :mod:`e5v.train.parallel`; all of them compute the same step. Everything a step
-depends on is a function of (seed, step): the batch's rows and the dropout seed. So a run killed at any moment
+depends on is a function of (seed, step): the batch's rows (:class:`e5v.train.data.Sampler`, mixtures of several
+files too) and the dropout seed. Data with images loads the whole multimodal model. So a run killed at any moment
 and restarted from its last checkpoint (trainable weights, optimiser, scheduler and loss-scaler state, written
 atomically) ends with the same adapter as a run that was never interrupted.
 
 Output directory: ``checkpoints/step-NNNNNN/`` (adapter + trainer state), ``adapter/`` (the final LoRA
-adapter), ``log.jsonl`` (one record per logged step), ``tensorboard/`` when TensorBoard is installed.
+adapter, with :data:`e5v.adapters.VISION_FILE` when the vision side trained), ``log.jsonl`` (one record per
+logged step), ``tensorboard/`` when TensorBoard is installed.
 """
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..adapters import VISION_FILE
 from ..backbones import select
 from ..errors import ConfigError
 from .config import TrainConfig
-from .data import batch_indices, read_triplets, steps_per_epoch
+from .data import Sampler, Triplet, data_files, first_side, has_images, parse_weights, read_triplets
 from .embed import make_sentences
-from .gradcache import contrastive_step
+from .gradcache import contrastive_step, count_chunks
 from .loss import world
 from .model import add_lora, load_language_model, wants_4bit
 from .parallel import make_strategy, require_deepspeed
@@ -105,8 +109,11 @@ class Logger:
             return
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        log.info("step %(step)d/%(total)d loss %(loss).4f lr %(lr).3g grad-norm %(grad_norm).3g "
-                 "%(sentences_per_s).1f sentences/s (%(candidates)d candidates per anchor)", record)
+        extra = (f", {record['images_per_s']:.1f} images/s" if "images_per_s" in record else "") + \
+            (f", {record['skipped']} rows left out" if record.get("skipped") else "")
+        log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3g %.1f sentences/s (%d candidates per anchor)%s",
+                 record["step"], record["total"], record["loss"], record["lr"], record["grad_norm"],
+                 record["sentences_per_s"], record["candidates"], extra)
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "sentences_per_s"):
                 self.tb.add_scalar(f"train/{key}", record[key], record["step"])
@@ -123,12 +130,23 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(root.glob("step-*")) if root.exists() else []
 
 
-def save_adapter_dir(peft, dest: Path, weights: dict) -> None:
-    """Save the adapter (``weights``: full LoRA tensors by name) to ``dest`` atomically (written beside it, then
-    renamed into place)."""
+def write_adapter(model, folder: Path, weights: dict) -> None:
+    """The LM adapter (peft) and, when the vision side trains, :data:`VISION_FILE` into ``folder``
+    (``weights``: the full trainable tensors by name)."""
+    from safetensors.torch import save_file
+
+    lm, vision = model.split(weights)
+    model.peft.save_pretrained(str(folder), state_dict=lm)
+    if vision:
+        save_file({k: v.detach().cpu().contiguous() for k, v in vision.items()}, str(folder / VISION_FILE),
+                  metadata={"lora_scale": repr(model.vision_scale)})
+
+
+def save_adapter_dir(model, dest: Path, weights: dict) -> None:
+    """Save the adapter to ``dest`` atomically (written beside it, then renamed into place)."""
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft.save_pretrained(str(tmp), state_dict=weights)
+    write_adapter(model, tmp, weights)
     _publish_dir(tmp, dest)
 
 
@@ -160,7 +178,7 @@ def save_checkpoint(out: Path, step: int, cfg: TrainConfig, model, strategy, ran
     state = strategy.save(tmp)
     _barrier(size)
     if rank == 0:
-        model.peft.save_pretrained(str(tmp), state_dict=weights)
+        write_adapter(model, tmp, weights)
         torch.save({"step": step, **state}, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         _publish_dir(tmp, dest)
@@ -186,6 +204,8 @@ def read_checkpoint(ckpt: Path, cfg: TrainConfig, model) -> dict:
     result = set_peft_model_state_dict(model.peft, weights)
     if getattr(result, "unexpected_keys", None):
         raise ConfigError(f"{ckpt}: adapter does not fit the model ({result.unexpected_keys[:3]})")
+    if model.vision:
+        model.load_vision(load_file(str(ckpt / VISION_FILE), device=str(model.trainable[0].device)))
     return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
 
 
@@ -214,6 +234,15 @@ def check_run_length(n: int, batch_size: int, warmup: int, total: int) -> None:
                     "lower --warmup-steps or train longer", warmup, total, "0%", 100 * (total - 1) / max(1, warmup))
 
 
+def training_backbone(path: str, config, full=None, chat_format: str | None = None):
+    """The backbone's preparation for training: texts only (no model), or with ``full`` (the whole model,
+    whose processor and image token are fixed against it as the engine's loading does) for images."""
+    family = select(config)
+    if full is None:
+        return family.for_text(path, chat_format=chat_format)
+    return family(full, **family.load_preprocessing(path, full), chat_format=chat_format, path=str(path))
+
+
 @dataclass
 class Run:
     """Everything one training run holds: the data, the LoRA-wrapped model, the strategy that shares it among
@@ -225,6 +254,7 @@ class Run:
     device: torch.device
     out: Path
     triplets: list
+    sampler: Sampler
     model: Any
     strategy: Any
     mode: Any
@@ -244,20 +274,31 @@ def start_run(cfg: TrainConfig) -> Run:
     dtype = resolve_train_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    triplets = read_triplets(cfg.data)
+    sources = [read_triplets(f) for f in data_files(cfg.data)]
+    triplets = [t for rows in sources for t in rows]
+    sampler = Sampler([len(rows) for rows in sources], cfg.batch_size, cfg.seed,
+                      parse_weights(cfg.data_weights, len(sources)), cfg.single_source_batches)
+    images = has_images(triplets)
+    side = first_side(triplets)
+    if cfg.official_quirks and side is not None:
+        raise ConfigError(f"official_quirks reproduces the text-only release, but the data has image sides or "
+                          f"prompts of their own (first: {side.name}); drop --official-quirks")
 
     quant = wants_4bit(cfg.load_in_4bit, device)
-    lm, config = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
-                                     load_vision=cfg.load_vision, attn_implementation=cfg.attn_implementation or None)
-    backbone = select(config).for_text(cfg.model, chat_format=cfg.chat_format or None)
-    mode = make_sentences(cfg, backbone, getattr(lm.config, "max_position_embeddings", 0) or 1 << 30)
+    lm, config, full = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
+                                           load_vision=cfg.load_vision or images,
+                                           attn_implementation=cfg.attn_implementation or None)
+    backbone = training_backbone(cfg.model, config, full if images else None, cfg.chat_format or None)
+    mode = make_sentences(cfg, backbone, getattr(lm.config, "max_position_embeddings", 0) or 1 << 30,
+                          multimodal=images)
     torch.manual_seed(cfg.seed)  # the LoRA initialisation
     model = add_lora(lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets,
-                     gradient_checkpointing=cfg.gradient_checkpointing)
+                     gradient_checkpointing=cfg.gradient_checkpointing, full=full if images else None,
+                     train_projector=cfg.train_projector, vision_lora=cfg.vision_lora)
     ckpts = checkpoint_dirs(out)
     state = read_checkpoint(ckpts[-1], cfg, model) if ckpts else None  # weights in before any sharding
 
-    per_epoch = steps_per_epoch(len(triplets), cfg.batch_size)
+    per_epoch = sampler.per_epoch
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     if rank == 0:
         check_run_length(len(triplets), cfg.batch_size, cfg.warmup_steps, total)
@@ -276,38 +317,72 @@ def start_run(cfg: TrainConfig) -> Run:
         strategy.load(ckpts[-1], state)
         start = int(state["step"])
         log.info("resumed from %s (step %d)", ckpts[-1], start)
+    if images and size > 1 and strategy.lockstep:
+        mode.vision_in_lockstep(model.mm, model.lm)
     runner = torch.compile(strategy.runner) if cfg.compile else strategy.runner
     encode = mode.encoder(runner, device, autocast=dtype if dtype != torch.float32 else None)
-    return Run(cfg, rank, size, device, out, triplets, model, strategy, mode, encode, per_epoch, total, start)
+    return Run(cfg, rank, size, device, out, triplets, sampler, model, strategy, mode, encode, per_epoch, total,
+               start)
+
+
+#: What a process embeds, with weight 0, when it has no row of the step (see ``filler`` in contrastive_step).
+FILLER = Triplet("filler", "filler")
 
 
 def run_step(run: Run, step: int) -> dict:
     """One optimiser step over the global batch of ``step``; returns its log record."""
     cfg, t0 = run.cfg, time.perf_counter()
     torch.manual_seed(cfg.seed + 7919 * step + 104729 * run.rank)  # dropout: a function of (seed, step, rank)
-    rows = [run.triplets[i] for i in batch_indices(len(run.triplets), cfg.batch_size, step, cfg.seed)]
+    rows = [run.triplets[i] for i in run.sampler.indices(step)]
     local = run.mode.shard(rows, run.rank, run.size)
     anchors, positives, negatives, plan = run.mode.inputs(local)
-    run.strategy.zero_grad()
-    res = contrastive_step(
-        run.encode, anchors, positives, negatives, temperature=cfg.temperature, chunk_size=cfg.micro_batch_size,
-        sort_by_length=cfg.sort_by_length, device=run.device, backward=run.strategy.backward, plan=plan,
-        filler=None if local else run.mode.inputs(rows[:1])[0])
-    if not math.isfinite(res.loss):
-        raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
-                                 "bfloat16/float32 or a lower learning rate")
+    seqs = anchors + positives + negatives
+    counts = torch.tensor([len(local) - len(anchors), len(seqs), sum(bool(getattr(f, "images", None)) for f in seqs)],
+                          device=run.device)
+    most = torch.tensor([count_chunks(len(seqs), cfg.micro_batch_size, plan)], device=run.device)
+    if run.size > 1:
+        torch.distributed.all_reduce(counts)
+        if run.strategy.lockstep:
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    skipped, sentences, images = counts.tolist()
+    lockstep = run.size > 1 and run.strategy.lockstep
     lr = run.strategy.scheduler.get_last_lr()[0]
-    try:
-        grad_norm = run.strategy.step()
-    except FloatingPointError as exc:
-        raise FloatingPointError(f"step {step + 1}: {exc}") from None
+    if sentences == 0:  # every row of the batch was left out: no loss, no update; the schedule goes on
+        log.warning("step %d: all %d rows of the batch were left out (see the warnings above); no update",
+                    step + 1, len(rows))
+        with warnings.catch_warnings():  # torch warns of a schedule step without an optimiser step: meant here
+            warnings.simplefilter("ignore", UserWarning)
+            run.strategy.scheduler.step()
+        loss = grad_norm = float("nan")
+        res = None
+    else:
+        run.strategy.zero_grad()
+        res = contrastive_step(
+            run.encode, anchors, positives, negatives, temperature=cfg.temperature,
+            chunk_size=cfg.micro_batch_size, sort_by_length=cfg.sort_by_length, device=run.device,
+            backward=run.strategy.backward, plan=plan, min_chunks=int(most) if lockstep else 0,
+            filler=run.mode.inputs([FILLER])[0] if lockstep or not anchors else None)
+        if not math.isfinite(res.loss):
+            raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
+                                     "bfloat16/float32 or a lower learning rate")
+        try:
+            grad_norm = run.strategy.step()
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"step {step + 1}: {exc}") from None
+        loss = res.loss
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
-    sentences = 2 * len(rows) + sum(t.negative is not None for t in rows)
-    return {"step": step + 1, "total": run.total, "epoch": round((step + 1) / run.per_epoch, 4), "loss": res.loss,
-            "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
-            "candidates": res.candidates, "chunks": res.chunks, "seconds": seconds}
+    record = {"step": step + 1, "total": run.total, "epoch": round((step + 1) / run.per_epoch, 4),
+              "loss": loss, "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
+              "candidates": res.candidates if res else 0, "chunks": res.chunks if res else 0, "seconds": seconds,
+              "skipped": skipped}
+    if run.model.mm is not None:
+        record["images_per_s"] = images / seconds
+    source = run.sampler.source_of(step)
+    if source is not None:
+        record["source"] = source
+    return record
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -340,7 +415,7 @@ def train(cfg: TrainConfig) -> Path:
         final = run.out / "adapter"
         weights = run.strategy.full_weights()
         if run.rank == 0:
-            save_adapter_dir(run.model.peft, final, weights)
+            save_adapter_dir(run.model, final, weights)
             log.info("adapter saved to %s", final)
     finally:
         if bar is not None:
