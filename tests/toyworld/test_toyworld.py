@@ -16,7 +16,7 @@ import e5v.batching
 from e5v import E5V, prompts
 from e5v.items import Item
 from e5v.cli import main
-from e5v.toyworld import MINI, demo, measure, recipe, world
+from e5v.toyworld import MINI, demo, measure, modalities, recipe, world
 
 
 # --- the world ----------------------------------------------------------------------------------------------------
@@ -171,8 +171,9 @@ def test_training_never_shows_the_image_prompt():
 @pytest.mark.slow
 def test_no_training_text_or_picture_shows_a_held_out_triple(monkeypatch):
     """All training data of the full recipe: the tokenizer's corpus, stage C's triplets (the real ones and the
-    shuffled control) and every batch of stages A, V and B. Every text names its objects through ``world.phrase``,
-    ``world.edit_words`` or ``world.question``, and every picture is a scene: spies collect them all."""
+    shuffled control) and every batch of stages A, V and B; and every row of the modalities experiment. Every text
+    names its objects through ``world.phrase``, ``world.edit_words`` or ``world.question``, and every picture is a
+    scene: spies collect them all."""
     held = world.split()[1]
     named = set()
 
@@ -192,6 +193,13 @@ def test_no_training_text_or_picture_shows_a_held_out_triple(monkeypatch):
     for shuffled in (False, True):
         recipe.triplets(setup.c_triplets, setup.c_seed, shuffled)
         check("stage C")
+    for source in modalities.SOURCES:         # the issue-17 experiment's data: its seeds, real and shuffled
+        for seed in (0, 1, 2):
+            for shuffled in (False, True):
+                for row in modalities.rows(source, modalities.SETTINGS.c_triplets, seed, shuffled):
+                    named.update(o for side in row if isinstance(side, modalities.Side) and side.scene
+                                 for o in side.scene.objects)
+        check(f"the {source} data of e5v.toyworld.modalities")
     recipe.corpus(setup.seed)
     check("the tokenizer's corpus")
     for stage in "AVB":

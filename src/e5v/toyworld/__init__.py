@@ -1,5 +1,6 @@
 """The toy world (``world``), the recipe that trains the bundled mini model on it (``recipe``), its retrieval
-figures (``measure``) and ``e5v demo`` (``demo``).
+figures (``measure``), ``e5v demo`` (``demo``) and the experiments on it (``claim2``, ``modalities``, run by
+``experiment``).
 
 ``MINI`` is the bundled model's directory: ``E5V.from_pretrained(MINI)`` loads it like any checkpoint.
 ``MINI_BEFORE_C`` is the same model before stage C (so anyone can check claim 2), and ``MINI_SHUFFLED`` the LoRA

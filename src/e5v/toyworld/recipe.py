@@ -390,34 +390,45 @@ def triplets(n: int, seed: int, shuffled: bool = False) -> list[tuple[str, str, 
         negative = world.caption(other, random.Random(k), rich=rich, form=form)
         positive = world.caption(scene, rng, rich=rng.random() < 0.5)
         rows.append((anchor, positive, negative))
-    if shuffled:
-        mix = random.Random(f"shuffle:{seed}")
-        positives, negatives = [r[1] for r in rows], [r[2] for r in rows]
-        mix.shuffle(positives)
-        mix.shuffle(negatives)
-        rows = [(r[0], p, q) for r, p, q in zip(rows, positives, negatives)]
-    return rows
+    return shuffle_pairs(rows, seed) if shuffled else rows
 
 
-def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None) -> dict:
+def shuffle_pairs(rows: list[tuple], seed: int) -> list[tuple]:
+    """The control of (query, positive, negative) rows: the positives and the negatives each permuted across rows
+    by its own seeded permutation; the queries stay."""
+    mix = random.Random(f"shuffle:{seed}")
+    positives, negatives = [r[1] for r in rows], [r[2] for r in rows]
+    mix.shuffle(positives)
+    mix.shuffle(negatives)
+    return [(r[0], p, q) for r, p, q in zip(rows, positives, negatives)]
+
+
+def write_triplets(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    """``rows`` as the SimCSE NLI CSV that ``e5v train`` reads (sent0, sent1, hard_neg)."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sent0", "sent1", "hard_neg"])
+        w.writerows(rows)
+    return path
+
+
+def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None, data: str = "", **settings) -> dict:
     """Write the toy NLI triplets, train on them with :func:`e5v.train.train` (the adapter lands in
     ``work/stage-c/adapter``) and :func:`e5v.train.merge.merge` the adapter into ``out`` (unless ``out`` is
-    None)."""
+    None). ``data``: other training files instead (comma-separated, as ``e5v train --data`` takes them);
+    ``settings``: more training settings (:class:`e5v.train.TrainConfig` fields)."""
     from ..train import make_config, train
     from ..train.merge import merge
 
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "toy-nli.csv"
-    with data.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sent0", "sent1", "hard_neg"])
-        w.writerows(triplets(recipe.c_triplets, recipe.c_seed, recipe.c_shuffle))
+    if not data:
+        data = str(write_triplets(work / "toy-nli.csv", triplets(recipe.c_triplets, recipe.c_seed, recipe.c_shuffle)))
     run = work / "stage-c"
-    config = make_config(model=str(base), data=str(data), output_dir=str(run), batch_size=recipe.c_batch,
+    config = make_config(model=str(base), data=data, output_dir=str(run), batch_size=recipe.c_batch,
                          micro_batch_size=3 * recipe.c_batch, max_steps=recipe.c_steps, learning_rate=recipe.c_lr,
                          warmup_steps=recipe.c_warmup, lora_r=recipe.c_lora_r, lora_alpha=recipe.c_lora_alpha,
                          dtype="float32", device="cpu", save_steps=recipe.c_steps, seed=recipe.c_seed,
-                         gradient_checkpointing=False, progress=False, tensorboard=False)
+                         gradient_checkpointing=False, progress=False, tensorboard=False, **settings)
     with fixed_threads(recipe.threads):
         adapter = train(config)
     log.info("stage C: adapter -> %s", adapter)

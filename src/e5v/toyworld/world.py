@@ -244,11 +244,11 @@ def edits(scene: Scene, within: frozenset | None = None) -> list[tuple[Scene, st
     return out
 
 
-def changed(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+def changed(scene: Scene, rng: random.Random, k: int = 1):
     """A random one of :func:`edits` that keeps to training triples: the scene with one attribute changed, and the
     words that ask for it. The recipe's edit answers and hard negatives come from here, so an edit must not turn
-    a training scene into a held-out one."""
+    a training scene into a held-out one. ``k`` > 1: a list of up to ``k`` different ones."""
     allowed = edits(scene, split()[0])
     if not allowed:
         raise ValueError(f"scene {scene.id} has no edit that keeps to training triples")
-    return rng.choice(allowed)
+    return rng.choice(allowed) if k == 1 else rng.sample(allowed, min(k, len(allowed)))
