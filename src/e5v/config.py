@@ -76,8 +76,9 @@ class EngineConfig:
                                   engine=True)
     anyres_max_tiles: int | None = _option(None, "speed option, a deviation from the official recipe: at most K "
                                                  "AnyRes grid tiles per image", vectors=True, type=count())
-    image_max_pixels: int | None = _option(None, "dynamic-resolution backbones: resize each image to at most N "
-                                                 "pixels before the vision tower (fewer image tokens)", vectors=True,
+    image_max_pixels: int | None = _option(None, "at most N pixels of image per image (dynamic resolution: "
+                                                 "resized; tiling: whole tiles); only lowers the checkpoint's budget",
+                                           vectors=True,
                                            type=count())
     attn_implementation: str | None = _option(None, "sdpa, eager, flash_attention_2, flex_attention")
     revision: str | None = None  # hub options: not CLI flags

@@ -9,7 +9,7 @@ Speed options (each off by default or proven equal to the default path by the te
 - ``num_workers``: preprocessing in worker processes, the next window prepared while the model runs;
 - ``packing``: the sequences of a batch in one row without padding (block-diagonal attention);
 - ``anyres_max_tiles`` (LLaVA-NeXT, at load): fewer AnyRes grid tiles, a deviation from the official recipe;
-- ``image_max_pixels`` (dynamic-resolution families, at load): images resized to fewer pixels, fewer image tokens.
+- ``image_max_pixels`` (dynamic-resolution and tiling families, at load): fewer pixels or tiles, fewer image tokens.
 """
 from __future__ import annotations
 

@@ -79,8 +79,9 @@ class Preparer:
                 raise InputError(name, "the prompt needs an image (<image>) but the item has none")
             raise InputError(name, "the item has an image but the prompt has no <image> to put it in")
         text = clean_text(item.text, item=name) if wants_text else None
-        if text is not None and (prompts.IMAGE in text or self.backbone.image_placeholder in text):
-            raise InputError(name, f"the text contains the image marker {prompts.IMAGE!r}")
+        reserved = next((t for t in (prompts.IMAGE, *self.backbone.reserved_tokens) if text and t in text), None)
+        if reserved:
+            raise InputError(name, f"the text contains the image marker {reserved!r}, a token reserved for images")
         image = load_image(item.image, item=name, **self.image_options) if wants_image else None
         feats = self.backbone.prepare(self.backbone.render(prompts.fill(prompt, text)), image)
         if len(feats) > self.max_length:

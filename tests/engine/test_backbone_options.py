@@ -66,3 +66,24 @@ def test_image_max_pixels_gives_fewer_image_tokens_and_is_a_vector_setting(tiny_
 def test_image_max_pixels_is_refused_where_the_resolution_is_fixed(tiny_dirs):
     with pytest.raises(ConfigError, match="fixed resolution"):
         E5V.from_pretrained(str(tiny_dirs["llava-1.5"]), device="cpu", image_max_pixels=10_000)
+
+
+def test_llava_next_pixel_budget_is_a_tile_cap(tiny_dirs, mixed_images, caplog):
+    """LLaVA-NeXT's budget counts whole grid tiles of 32x32 px (the base tile on top), as OneVision's and InternVL's:
+    just under two tiles' pixels is ``anyres_max_tiles=1``; a budget at or above the whole grid changes nothing."""
+    path = str(tiny_dirs["llava-next-llama3"])
+    full = E5V.from_pretrained(path, device="cpu", dtype="float32")
+    tiles = E5V.from_pretrained(path, device="cpu", dtype="float32", anyres_max_tiles=1)
+    pixels = E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=2 * 32 * 32 - 1)
+    assert pixels.backbone.image_processor.image_grid_pinpoints == [[32, 32]]
+    assert pixels.backbone.preprocessing_key() == tiles.backbone.preprocessing_key()
+    np.testing.assert_array_equal(pixels.encode_image(mixed_images), tiles.encode_image(mixed_images))
+    n_full, n_capped = (sum(len(m.prepare(Item(image=im, name="x"), prompts.IMAGE_PROMPT)) for im in mixed_images)
+                        for m in (full, pixels))
+    assert n_capped < n_full
+    with caplog.at_level("WARNING", logger="e5v"):
+        above = E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=100 * 32 * 32)
+    assert "not below the checkpoint's own 4" in caplog.text
+    assert above.backbone.preprocessing_key() == full.backbone.preprocessing_key()
+    with pytest.raises(ConfigError, match="below one 32x32 tile"):
+        E5V.from_pretrained(path, device="cpu", image_max_pixels=32 * 32 - 1)

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -25,7 +24,7 @@ from e5v import E5V
 from e5v.errors import BatchInputError, ConfigError, ModelLoadError
 
 from support import TEXTS
-from support.families import check_family
+from support.families import check_family, official_vector
 
 CHAT = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
@@ -66,7 +65,6 @@ class Reference:
             s = s.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
         return s.replace("<sent>", text) if text is not None else s
 
-    @torch.no_grad()
     def embed(self, text, image=None):
         if self.qwen:
             extra = {}
@@ -79,8 +77,7 @@ class Reference:
             enc.update(extra)
         else:
             enc = self.proc(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-        out = self.model(**enc, output_hidden_states=True, return_dict=True)
-        return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
+        return official_vector(self.model, enc)
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ on one item, ``hidden_states[-1][:, -1]``, L2-normalised, fp32.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -22,7 +23,7 @@ from e5v.errors import ConfigError, ModelLoadError
 from e5v.items import Item
 
 from support import TEXTS
-from support.families import CIRR_INNER, IMAGE_INNER, TEXT_INNER, check_family
+from support.families import CIRR_INNER, IMAGE_INNER, TEXT_INNER, check_family, messages, official_vector
 
 FAMILIES = ("gemma3", "internvl")
 
@@ -43,18 +44,6 @@ RENDERED = {
         CIRR_INNER: '<|im_start|>user\n<IMG_CONTEXT>\nModify this image with "<sent>", desribe modified image in one '
                     "word:<|im_end|>\n<|im_start|>assistant\n"},
 }
-
-
-def messages(inner, text=None, image=None):
-    """One user message: the prompt (with the text put in) around the image as content parts."""
-    filled = inner.replace("<sent>", text) if text is not None else inner
-    before, marker, after = filled.partition("<image>")
-    parts = [{"type": "text", "text": before}] if before else []
-    if marker:
-        parts.append({"type": "image", "image": image} if image is not None else {"type": "image"})
-    if after:
-        parts.append({"type": "text", "text": after})
-    return [{"role": "user", "content": parts}]
 
 
 class Reference:
@@ -80,10 +69,8 @@ class Reference:
             s = s.replace("<IMG_CONTEXT>", "<img>" + "<IMG_CONTEXT>" * n + "</img>")
         return {**self.tok([s], return_tensors="pt"), **extra}
 
-    @torch.no_grad()
     def embed(self, inner, text=None, image=None):
-        out = self.model(**self.inputs(inner, text, image), output_hidden_states=True, return_dict=True)
-        return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
+        return official_vector(self.model, self.inputs(inner, text, image))
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +112,40 @@ def test_gemma3_has_no_pixel_budget_and_does_not_pack(tiny_dirs, engines):
         E5V(engines["gemma3"].backbone, packing=True).encode_text(TEXTS)
 
 
-def test_gemma3_image_token_in_a_text_fails_that_item_only(engines, mixed_images):
-    """Gemma's soft image token in a text would ask the model for one image feature more than the batch has."""
-    m = engines["gemma3"]
-    items = [Item(image=mixed_images[0], text="is red", name="good"),
-             Item(image=mixed_images[1], text="a <image_soft_token> b", name="bad")]
-    res = m.embed(items, prompt=prompts.CIRR_QUERY)
-    assert res.indices.tolist() == [0] and "bad" in str(res.skipped[0][1]) and "image token" in str(res.skipped[0][1])
-    np.testing.assert_allclose(res.vectors, m.embed(items[:1], prompt=prompts.CIRR_QUERY).vectors, atol=1e-6)
+def test_gemma3_is_refused_in_float16_and_with_flash_attention(tiny_dirs):
+    """Gemma 3's activations overflow float16; FlashAttention would drop the both-ways attention among an image's
+    soft tokens (transformers 5.17 lets it, 5.24 refuses it): both are refused before the model loads."""
+    path = str(tiny_dirs["gemma3"])
+    with pytest.raises(ConfigError, match=r"Gemma 3 overflows in float16: use --dtype bfloat16 \(or float32\)"):
+        E5V.from_pretrained(path, device="cpu", dtype="float16")
+    for impl in ("flash_attention_2", "flash_attention_3"):
+        with pytest.raises(ConfigError, match=f"{impl}.*bidirectional"):
+            E5V.from_pretrained(path, device="cpu", dtype="float32", attn_implementation=impl)
+
+
+def test_gemma3_renders_the_processors_chat_template(tiny_dirs, engines, tmp_path):
+    """As google/gemma-3-*-it ship it: the processor's template in chat_template.json, the tokenizer config with a
+    template of its own; the processor's is the one rendered."""
+    path = tmp_path / "m"
+    shutil.copytree(tiny_dirs["gemma3"], path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'text model' }}"}))
+    bb = E5V.from_pretrained(str(path), device="cpu", dtype="float32").backbone
+    assert all(bb.render(inner) == want for inner, want in RENDERED["gemma3"].items())
+
+
+def test_bench_texts_are_put_in_before_the_template_renders(engines, monkeypatch):
+    """As the engine does (a template may transform the text: Gemma's trims it), not rendered first and filled in."""
+    from e5v.bench.inputs import make_texts
+
+    bb, rendered = engines["gemma3"].backbone, []
+    render = bb.render
+    monkeypatch.setattr(bb, "render", lambda inner: rendered.append(inner) or render(inner))
+    make_texts(2, bb)
+    assert rendered and all("<sent>" not in inner and "Summary above sentence" in inner for inner in rendered)
 
 
 def test_gemma3_packed_rows_would_break_the_image_block(engines, mixed_images, monkeypatch):
@@ -151,14 +164,29 @@ def test_internvl_tile_cap_gives_fewer_image_tokens(tiny_dirs, engines, mixed_im
     item = Item(image=image, name="x")
     n_full = len(full.prepare(item, prompts.IMAGE_PROMPT))
     for capped in (E5V.from_pretrained(path, device="cpu", dtype="float32", anyres_max_tiles=1),
-                   E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=2 * tile)):
+                   E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=2 * tile - 1)):
         assert n_full - len(capped.prepare(item, prompts.IMAGE_PROMPT)) == 3 * 4  # 4 tiles -> 1, 4 tokens a tile
         assert np.abs(capped.encode_image([image]) - full.encode_image([image])).max() > 1e-3
         assert capped.backbone.preprocessing_key() != full.backbone.preprocessing_key()
+    # the budget counts the grid's tiles; the thumbnail comes on top (as LLaVA-NeXT's base tile)
     three = E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=3 * tile)
-    assert three.backbone.image_processor.max_patches == 2  # a 2-tile grid and its thumbnail fit 3 tiles
+    assert three.backbone.image_processor.max_patches == 3
     with pytest.raises(ConfigError, match="below one 56x56 tile"):
         E5V.from_pretrained(path, device="cpu", image_max_pixels=tile - 1)
+
+
+def test_internvl_caps_above_the_checkpoints_change_nothing(tiny_dirs, engines, caplog):
+    """The tile cap and the pixel budget only lower the checkpoint's 12 tiles: a 20:1 image keeps its 12x1 grid."""
+    path, full = str(tiny_dirs["internvl"]), engines["internvl"]
+    item = Item(image=Image.new("RGB", (56 * 20, 56), "red"), name="wide")
+    n_full = len(full.prepare(item, prompts.IMAGE_PROMPT))
+    assert n_full > 13 * 4 and full.backbone.image_processor.max_patches == 12  # 12 tiles, a thumbnail, tags
+    for above in (dict(anyres_max_tiles=30), dict(image_max_pixels=30 * 56 * 56)):
+        with caplog.at_level("WARNING", logger="e5v"):
+            m = E5V.from_pretrained(path, device="cpu", dtype="float32", **above)
+        assert len(m.prepare(item, prompts.IMAGE_PROMPT)) == n_full
+        assert m.backbone.preprocessing_key() == full.backbone.preprocessing_key()
+        assert "not below the checkpoint's own 12" in caplog.text
 
 
 def test_internvl3_image_tokens_of_a_640x480_image():

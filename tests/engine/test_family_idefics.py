@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoTokenizer, Idefics3Processor
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -23,7 +22,7 @@ from e5v.errors import ConfigError
 from e5v.items import Item
 
 from support import random_images
-from support.families import check_family
+from support.families import assert_parity, check_family, official_vector, reference_vectors
 
 FAMILIES = ("idefics3", "smolvlm")
 #: the E5-V prompts (text, image, CIRR query) as each real chat template renders them, the tokenizer's BOS apart
@@ -42,7 +41,8 @@ RENDERED = {
 class Reference:
     """The official recipe for one item on the full model."""
 
-    def __init__(self, path, family):
+    def __init__(self, path, family, longest_edge=None):
+        """``longest_edge``: the image processor's size set to it (what ``image_max_pixels`` should do)."""
         self.family = family
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         if family == "idefics3":
@@ -57,6 +57,11 @@ class Reference:
             self.image_processor = SmolVLMImageProcessorPil.from_pretrained(path)
             cfg = self.model.config.vision_config
             self.seq_len = (cfg.image_size // cfg.patch_size) ** 2 // self.model.config.scale_factor ** 2
+        if longest_edge:
+            self.image_processor_of().size = {"longest_edge": longest_edge}
+
+    def image_processor_of(self):
+        return self.processor.image_processor if self.family == "idefics3" else self.image_processor
 
     def inputs(self, text, image):
         if self.family == "idefics3":
@@ -69,12 +74,10 @@ class Reference:
                 "<fake_token_around_image>", image_token="<image>", global_image_token="<global-img>"))
         return {**self.tokenizer([text], return_tensors="pt"), **extra}
 
-    @torch.no_grad()
     def __call__(self, inner, text=None, image=None):
         prompt = dict(zip((prompts.TEXT, prompts.IMAGE_PROMPT, prompts.CIRR_QUERY), RENDERED[self.family]))[inner]
         prompt = prompt.replace("<sent>", text) if text is not None else prompt
-        out = self.model(**self.inputs(prompt, image), output_hidden_states=True, return_dict=True)
-        return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
+        return official_vector(self.model, self.inputs(prompt, image))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,7 @@ def test_prompts_are_the_chat_templates_byte_for_byte(family, engines):
     assert tok.decode(ids[1:]) == RENDERED[family][0].removeprefix(start).replace("<sent>", "A dog.")
 
 
-def test_image_max_pixels_is_the_processors_longest_edge(tiny_dirs, refs, engines):
+def test_image_max_pixels_is_the_processors_longest_edge(tiny_dirs, engines):
     """A cap of 70x70 pixels: a longest edge of 64 (two 32-px tiles), as the HF processor with that size embeds
     the image; fewer image tokens than the checkpoint's 128."""
     path = str(tiny_dirs["idefics3"])
@@ -114,18 +117,35 @@ def test_image_max_pixels_is_the_processors_longest_edge(tiny_dirs, refs, engine
     item = Item(image=image, name="x")
     n_full, n_capped = (len(m.prepare(item, prompts.IMAGE_PROMPT)) for m in (engines["idefics3"], capped))
     assert n_capped < n_full
-    ref = refs["idefics3"]
-    ip = ref.processor.image_processor
-    full_size, ip.size = ip.size, {"longest_edge": 64}
-    try:
-        want = ref(prompts.IMAGE_PROMPT, None, image)
-    finally:
-        ip.size = full_size
+    want = Reference(tiny_dirs["idefics3"], "idefics3", longest_edge=64)(prompts.IMAGE_PROMPT, None, image)
     np.testing.assert_allclose(capped.encode_image([image])[0], want, atol=1e-5)
     assert np.abs(engines["idefics3"].encode_image([image])[0] - want).max() > 1e-3
     assert capped.backbone.preprocessing_key() != engines["idefics3"].backbone.preprocessing_key()
     with pytest.raises(ConfigError, match="below the model's minimum of 1024 pixels"):
         E5V.from_pretrained(path, device="cpu", image_max_pixels=1000)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_of_unsplit_images(family, tiny_dirs, mixed_images):
+    """A budget of one tile: no image is split (rows = cols = 0), each is the global image alone, as the official
+    formula with that longest edge embeds it (padded and packed)."""
+    m = E5V.from_pretrained(str(tiny_dirs[family]), device="cpu", dtype="float32", image_max_pixels=32 * 32)
+    tok = m.backbone.tokenizer
+    for image in mixed_images:
+        text = tok.decode(m.prepare(Item(image=image, name="x"), prompts.IMAGE_PROMPT).input_ids)
+        assert "<row_1_col_1>" not in text and text.count("<global-img>") == 1
+    want = reference_vectors(Reference(tiny_dirs[family], family, longest_edge=32), mixed_images)
+    assert_parity(m, want, mixed_images)
+
+
+def test_idefics3_checkpoint_keeps_its_template_in_chat_template_json(tiny_dirs):
+    """The tiny Idefics3 has the older layout of real checkpoints: the template only in chat_template.json (its
+    tokenizer has none), which the parity and prompt tests above then cover."""
+    path = tiny_dirs["idefics3"]
+    assert json.loads((path / "chat_template.json").read_text())["chat_template"]
+    assert not (path / "chat_template.jinja").exists()
+    for config in ("tokenizer_config.json", "processor_config.json"):
+        assert not json.loads((path / config).read_text()).get("chat_template"), config
 
 
 @pytest.mark.parametrize("size, tile, seq_len, want", [

@@ -10,15 +10,15 @@ L2-normalised, fp32.
 from __future__ import annotations
 
 import json
-import math
+import shutil
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoTokenizer
-from transformers.image_processing_utils import select_best_resolution
+from transformers import AutoModelForImageTextToText, AutoTokenizer, LlavaOnevisionProcessor
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -26,7 +26,7 @@ from e5v import E5V, prompts
 from e5v.errors import ConfigError, ModelLoadError
 from e5v.items import Item
 
-from support.families import CIRR_INNER, IMAGE_INNER, TEXT_INNER, check_family
+from support.families import CIRR_INNER, IMAGE_INNER, TEXT_INNER, check_family, messages, official_vector
 
 FAMILIES = ("qwen3-vl", "llava-onevision")
 
@@ -48,33 +48,14 @@ RENDERED = {
 }
 
 
-def messages(inner, text=None):
-    """One user message: the prompt (with the text put in) around the image as content parts."""
-    filled = inner.replace("<sent>", text) if text is not None else inner
-    before, marker, after = filled.partition("<image>")
-    parts = [{"type": "text", "text": before}] if before else []
-    if marker:
-        parts.append({"type": "image"})
-    if after:
-        parts.append({"type": "text", "text": after})
-    return [{"role": "user", "content": parts}]
-
-
-def onevision_image_tokens(height, width, pinpoints, tile, num_image_tokens=729, max_tiles=9):
-    """``LlavaOnevisionProcessor._get_number_of_features`` written out: the base tile, the tile grid without its
-    letterbox padding, a newline feature per row, the grid shrunk past ``max_tiles`` tiles (1.1x slack)."""
-    best_h, best_w = select_best_resolution([height, width], pinpoints)
-    side = int(math.sqrt(num_image_tokens))
-    cur_h, cur_w = side * (best_h // tile), side * (best_w // tile)
-    if width / height > cur_w / cur_h:
-        cur_h -= 2 * ((cur_h - int(round(height * (cur_w / width), 7))) // 2)
-    else:
-        cur_w -= 2 * ((cur_w - int(round(width * (cur_h / height), 7))) // 2)
-    unpadded, newlines = cur_h * cur_w, cur_h
-    ratio = math.sqrt(cur_h * cur_w / (max_tiles * side ** 2))
-    if ratio > 1.1:
-        unpadded, newlines = int(cur_h // ratio) * int(cur_w // ratio), int(cur_h // ratio)
-    return num_image_tokens + unpadded + newlines
+def onevision_image_tokens(image_processor, height, width, num_image_tokens=729, max_tiles=9):
+    """``LlavaOnevisionProcessor._get_number_of_features`` itself, on a stand-in for the processor (which cannot be
+    built without torchvision): what it reads of the processor, and its own ``_get_unpadded_features``."""
+    stub = SimpleNamespace(image_processor=image_processor, num_image_tokens=num_image_tokens,
+                           vision_aspect_ratio=f"anyres_max_{max_tiles}")
+    stub._get_unpadded_features = partial(LlavaOnevisionProcessor._get_unpadded_features, stub)
+    tile = image_processor.size["height"]
+    return LlavaOnevisionProcessor._get_number_of_features(stub, height, width, tile, tile)
 
 
 class Reference:
@@ -102,16 +83,13 @@ class Reference:
             # M-RoPE positions need the image-token positions (the processor returns them)
             return {**enc, **extra, "mm_token_type_ids": (enc["input_ids"] == self.model.config.image_token_id).int()}
         px = self.imgp(images=[image], return_tensors="pt")
-        n = onevision_image_tokens(*px["image_sizes"][0].tolist(), self.imgp.image_grid_pinpoints,
-                                   self.imgp.size["height"], self.settings["num_image_tokens"],
+        n = onevision_image_tokens(self.imgp, *px["image_sizes"][0].tolist(), self.settings["num_image_tokens"],
                                    int(self.settings["vision_aspect_ratio"].removeprefix("anyres_max_")))
         enc = self.tok([s.replace("<image>", "<image>" * n)], return_tensors="pt")
         return {**enc, "pixel_values": px["pixel_values"], "image_sizes": px["image_sizes"]}
 
-    @torch.no_grad()
     def embed(self, inner, text=None, image=None):
-        out = self.model(**self.inputs(inner, text, image), output_hidden_states=True, return_dict=True)
-        return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
+        return official_vector(self.model, self.inputs(inner, text, image))
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +112,8 @@ def test_parity_with_official_formula(family, tiny_dirs, engines, mixed_images, 
 def test_onevision_big_image_is_shrunk_to_anyres_max_9(tiny_dirs, big_image):
     """The parity above covers the model's shrinking: the big image's features are fewer than its grid's."""
     ip = LlavaOnevisionImageProcessorPil.from_pretrained(tiny_dirs["llava-onevision"])
-    capped = onevision_image_tokens(150, 190, ip.image_grid_pinpoints, 32, 16)
-    uncapped = onevision_image_tokens(150, 190, ip.image_grid_pinpoints, 32, 16, max_tiles=100)
+    capped = onevision_image_tokens(ip, 150, 190, 16)
+    uncapped = onevision_image_tokens(ip, 150, 190, 16, max_tiles=100)
     assert (capped, uncapped) == (16 + 10 * 13 + 10, 16 + 18 * 24 + 18)
 
 
@@ -166,6 +144,17 @@ def test_qwen3_vl_pixel_budget_gives_fewer_image_tokens(tiny_dirs, engines):
         E5V.from_pretrained(path, device="cpu", image_max_pixels=32 * 32 - 1)
 
 
+def test_qwen3_vl_pixel_budget_above_the_checkpoints_changes_nothing(tiny_dirs, engines, big_image, caplog):
+    """The budget only lowers the checkpoint's 128x128 px: a 190x150 image is resized to it either way."""
+    path, full = str(tiny_dirs["qwen3-vl"]), engines["qwen3-vl"]
+    with caplog.at_level("WARNING", logger="e5v"):
+        above = E5V.from_pretrained(path, device="cpu", dtype="float32", image_max_pixels=4 * 128 * 128)
+    item = Item(image=big_image, name="x")
+    assert len(above.prepare(item, prompts.IMAGE_PROMPT)) == len(full.prepare(item, prompts.IMAGE_PROMPT))
+    assert above.backbone.preprocessing_key() == full.backbone.preprocessing_key()
+    assert "not below the checkpoint's own 16384" in caplog.text
+
+
 def test_onevision_tile_and_pixel_caps_give_fewer_image_tokens(tiny_dirs, engines, big_image):
     path, full = str(tiny_dirs["llava-onevision"]), engines["llava-onevision"]
     item = Item(image=big_image, name="x")
@@ -182,7 +171,7 @@ def test_onevision_tile_and_pixel_caps_give_fewer_image_tokens(tiny_dirs, engine
         E5V.from_pretrained(path, device="cpu", image_max_pixels=32 * 32 - 1)
 
 
-def test_image_tokens_of_a_640x480_image_at_real_settings(tiny_dirs, engines):
+def test_image_tokens_of_a_640x480_image_at_real_settings():
     """The docs table's counts, from the real processors' settings: Qwen3-VL (16-px patches, 2x2 merge, 256^2 to
     4096^2 px) and llava-onevision-qwen2-*-ov-hf (384-px tiles, 1x1 to 6x6 grids, 729 features a tile, anyres_max_9:
     a 2x2 grid, 40 of its 54 rows left after unpadding)."""
@@ -191,12 +180,38 @@ def test_image_tokens_of_a_640x480_image_at_real_settings(tiny_dirs, engines):
                                      size={"shortest_edge": 65536, "longest_edge": 16777216})
     assert int(qwen3(images=[image])["image_grid_thw"][0].prod()) // 4 == 300
     real = LlavaOnevisionImageProcessorPil()  # its defaults are the real grid and tile
-    assert onevision_image_tokens(480, 640, real.image_grid_pinpoints, 384) == 729 + 40 * 54 + 40 == 2929
+    assert onevision_image_tokens(real, 480, 640) == 729 + 40 * 54 + 40 == 2929
+
+
+@pytest.mark.parametrize("real", [True, False], ids=["real", "tiny"])
+def test_onevision_image_tokens_are_the_processors_count(real, tiny_dirs, engines):
+    """e5v's count of OneVision's image features equals ``LlavaOnevisionProcessor``'s own over many sizes: thin,
+    wide, small, at the tile's edges, past anyres_max_9 (the real settings, and the tiny checkpoint's)."""
     from e5v.backbones.llava_onevision import OnevisionProcessor
 
-    processor = OnevisionProcessor(engines["llava-onevision"].backbone.tokenizer, real,
-                                   {"num_image_tokens": 729, "vision_aspect_ratio": "anyres_max_9"})
-    assert processor.image_tokens(480, 640) == 2929
+    tok = engines["llava-onevision"].backbone.tokenizer
+    if real:
+        ip, features = LlavaOnevisionImageProcessorPil(), 729
+    else:
+        ip, features = LlavaOnevisionImageProcessorPil.from_pretrained(tiny_dirs["llava-onevision"]), 16
+    ours = OnevisionProcessor(tok, ip, {"num_image_tokens": features, "vision_aspect_ratio": "anyres_max_9"})
+    tile = ip.size["height"]
+    sides = sorted({1, 7, tile // 2, tile - 1, tile, tile + 1, 2 * tile, 3 * tile - 5, 640, 480, 1000, 6 * tile + 9})
+    for h in sides:
+        for w in sides:
+            assert ours.image_tokens(h, w) == onevision_image_tokens(ip, h, w, features), (h, w)
+    assert ours.image_tokens(480, 640) == (2929 if real else onevision_image_tokens(ip, 480, 640, features))
+
+
+def test_onevision_default_feature_strategy_is_refused(tiny_dirs, tmp_path):
+    """"default" drops each tile's first feature (a CLS token SigLIP does not have): the model's tile grid then no
+    longer fits, so a checkpoint asking for it is refused at load, not at its first image."""
+    path = tmp_path / "m"
+    shutil.copytree(tiny_dirs["llava-onevision"], path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vision_feature_select_strategy": "default"}))
+    with pytest.raises(ModelLoadError, match="vision_feature_select_strategy 'default'"):
+        E5V.from_pretrained(str(path), device="cpu")
 
 
 def test_onevision_without_its_processor_settings_is_refused(tiny_dirs, tmp_path):

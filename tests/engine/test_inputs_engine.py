@@ -16,6 +16,8 @@ from e5v import E5V, prompts
 from e5v.items import Item
 from e5v.errors import BatchInputError, ConfigError
 
+from e5v.tiny import FAMILIES
+
 from support import TEXTS
 from support.serve import Panic
 
@@ -81,6 +83,21 @@ def test_any_failure_preparing_one_item_fails_only_that_item(engine, monkeypatch
     assert [i for c in streamed for i, _ in c.skipped] == [1, 3, 4]
     with pytest.raises(BatchInputError, match="cannot be encoded as UTF-8"):  # encode_* still raise, as documented
         engine.encode_text(items)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_text_with_an_image_token_fails_that_item_only(family, tiny_dirs):
+    """A text that holds the E5-V marker ``<image>`` or one of the family's own image tokens would have the processor
+    or the model count an image that is not there: that item alone is skipped, naming the token."""
+    m = E5V.from_pretrained(str(tiny_dirs[family]), device="cpu", dtype="float32")
+    reserved = m.backbone.reserved_tokens
+    assert reserved and all(t in m.backbone.tokenizer.get_vocab() for t in reserved)  # the family's real tokens
+    bad = list(dict.fromkeys((prompts.IMAGE, *reserved)))
+    res = m.embed(["A dog.", *(f"a {t} b" for t in bad), "hello"], prompt=prompts.TEXT)
+    assert res.indices.tolist() == [0, len(bad) + 1]
+    assert [r for _, r in sorted(reasons(res).items())] == [
+        f"the text contains the image marker {t!r}, a token reserved for images" for t in bad]
+    np.testing.assert_allclose(res.vectors, m.encode_text(["A dog.", "hello"]), atol=1e-6)
 
 
 def test_composed_pair_with_an_unencodable_text(engine, mixed_images):

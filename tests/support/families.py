@@ -8,6 +8,8 @@ called on that one item with ``output_hidden_states=True``, ``hidden_states[-1][
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from e5v import E5V
 
@@ -18,6 +20,26 @@ TEXT_INNER = "<sent>\nSummary above sentence in one word: "
 IMAGE_INNER = "<image>\nSummary above image in one word: "
 CIRR_INNER = '<image>Modify this image with "<sent>", desribe modified image in one word:'
 EDITS = ["is red", "has two dogs instead of one cat", "zoomed out"]
+
+
+def messages(inner: str, text: str | None = None, image=None) -> list[dict]:
+    """One user message for ``apply_chat_template``: the prompt, the text put in, around the image as content parts
+    (the image itself in its part where given, as a processor's own template call takes it)."""
+    filled = inner.replace("<sent>", text) if text is not None else inner
+    before, marker, after = filled.partition("<image>")
+    parts = [{"type": "text", "text": before}] if before else []
+    if marker:
+        parts.append({"type": "image", "image": image} if image is not None else {"type": "image"})
+    if after:
+        parts.append({"type": "text", "text": after})
+    return [{"role": "user", "content": parts}]
+
+
+@torch.no_grad()
+def official_vector(model, inputs: dict) -> np.ndarray:
+    """The official formula on one item's model inputs: the full model, ``hidden_states[-1][:, -1]``, L2-normalised."""
+    out = model(**inputs, output_hidden_states=True, return_dict=True)
+    return F.normalize(out.hidden_states[-1][:, -1], dim=-1)[0].numpy()
 
 
 def reference_vectors(ref, images) -> dict[str, np.ndarray]:

@@ -49,10 +49,11 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     """The backbone of ``cfg.model`` (a hub id or a local checkpoint directory) on ``cfg.device`` in the compute
     ``cfg.dtype``, with the LoRA adapter ``cfg.adapter`` merged into its weights.
 
-    ``cfg.anyres_max_tiles``: speed option for LLaVA-NeXT, a deviation from the official recipe: only AnyRes
-    grids of at most that many 336-px tiles (1: the base tile plus one grid tile, about 2.2x fewer image
+    ``cfg.anyres_max_tiles``: speed option of tiling families, a deviation from the official recipe: only grids of
+    at most that many tiles (LLaVA-NeXT, 1: the base tile plus one 336-px grid tile, about 2.2x fewer image
     tokens); see :meth:`~e5v.backbones.llava_next.LlavaNextBackbone.limit_anyres`. ``cfg.image_max_pixels``: the
-    same for dynamic-resolution families: images resized to at most that many pixels (:meth:`Backbone.limit_pixels`).
+    same as a pixel budget: images resized to at most that many pixels, or as many whole grid tiles
+    (:meth:`Backbone.limit_pixels`). Both only lower the checkpoint's own budget.
     """
     from transformers import AutoConfig, PretrainedConfig
 

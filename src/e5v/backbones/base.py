@@ -2,7 +2,12 @@
 ids and image tensors, collate a left-padded batch, and run the base model to the last hidden state.
 
 A backbone family is one subclass in its own module, registered with :func:`register`; the registry picks
-it from the checkpoint's ``config.model_type`` (see ``backbones/__init__.py``).
+it from the checkpoint's ``config.model_type`` (see ``backbones/__init__.py``). A family whose HF processor loads
+without torchvision subclasses :class:`ProcessorBackbone`; the others load the tokenizer with :func:`load_tokenizer`.
+
+Resolution options (``anyres_max_tiles``, ``image_max_pixels``) only ever lower the checkpoint's own budget; a
+request at or above it changes nothing (logged). Tiling families count a budget in whole grid tiles
+(:func:`whole_tiles`): the base tile or thumbnail, a downscaled copy of the whole image, comes on top of them.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class Backbone:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: The string the family's processor expects where an image goes.
     image_placeholder: ClassVar[str] = prompts.IMAGE
+    #: The family's tokens that stand for (part of) an image: an item's text may not hold them (nor ``<image>``),
+    #: or the processor or the model would count an image that is not there.
+    reserved_tokens: ClassVar[tuple[str, ...]] = ()
     #: Chat formats (keys of :data:`e5v.prompts.CHAT_FORMATS`) this family can use, its default first; "raw" (no
     #: chat turn) fits all, and "template" (the checkpoint's own chat template) every checkpoint that has one.
     chat_formats: ClassVar[tuple[str, ...]] = ()
@@ -122,9 +130,10 @@ class Backbone:
 
     def limit_pixels(self, max_pixels: int) -> None:
         """Dynamic-resolution families: resize each image to at most ``max_pixels`` pixels before the vision tower
-        (fewer image tokens, less detail). Fixed-resolution families have nothing to limit."""
+        (fewer image tokens, less detail); tiling families: at most ``max_pixels`` in the grid's whole tiles (see
+        :func:`whole_tiles`). Fixed-resolution families have nothing to limit."""
         raise ConfigError(f"{type(self).__name__} sees images at a fixed resolution: there is no pixel budget "
-                          "to set (LLaVA-NeXT: anyres_max_tiles)")
+                          "to set")
 
     def preprocessing_key(self) -> tuple:
         """What the image preprocessing depends on beyond the checkpoint, for :meth:`e5v.prepare.Preparer.key`
@@ -234,3 +243,61 @@ class Backbone:
     @property
     def max_length(self) -> int:
         return int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 1 << 30)
+
+
+class ProcessorBackbone(Backbone):
+    """A family whose HF processor loads without torchvision (its PIL backend): the processor tokenises a rendered
+    prompt and expands its image marker. The processor's chat template, where it has one, is the one rendered, not
+    the tokenizer's (a tokenizer config may keep its text model's), as :func:`load_tokenizer` does."""
+
+    @classmethod
+    def load_preprocessing(cls, path, model, **hub_kwargs):
+        from transformers import AutoProcessor
+
+        # The PIL backend is the one the official recipes ran (the "slow" processor), and the one that works
+        # without torchvision on every transformers >= 5.17.
+        return {"processor": AutoProcessor.from_pretrained(path, backend="pil", **hub_kwargs)}
+
+    def __init__(self, model, processor, *, chat_format: str | None = None, path: str = ""):
+        if getattr(processor, "chat_template", None):
+            processor.tokenizer.chat_template = processor.chat_template
+        super().__init__(model, processor.tokenizer, processor.image_processor, chat_format=chat_format, path=path)
+        self.processor = processor
+
+    def prepare(self, text: str, image=None) -> Features:
+        enc = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+        return Features(enc["input_ids"][0], {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc})
+
+
+def load_tokenizer(path, **hub_kwargs):
+    """(tokenizer, processor settings) of a checkpoint whose processor e5v does not build (it needs torchvision):
+    the settings of its ``processor_config.json``, and the tokenizer with the processor's chat template where there
+    is one (``chat_template.jinja``, the older ``chat_template.json``, or a ``chat_template`` in
+    ``processor_config.json``): that is the template the model's processor renders; a tokenizer config may hold
+    another (llava-hf's OneVision keeps its text model's, Qwen2-Instruct's) or none."""
+    from transformers import AutoTokenizer, ProcessorMixin
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    settings, _ = ProcessorMixin.get_processor_dict(path, **hub_kwargs)
+    if settings.get("chat_template"):
+        tokenizer.chat_template = settings["chat_template"]
+    return tokenizer, settings
+
+
+def lowers(option: str, asked: int, own: int) -> bool:
+    """Whether a resolution option asks for less than the checkpoint's ``own`` budget; if not, it is left as it is
+    (the options only ever lower it), and the log says so."""
+    if asked < own:
+        return True
+    log.warning("%s %d is not below the checkpoint's own %d: left unchanged (it only lowers the budget)",
+                option, asked, own)
+    return False
+
+
+def whole_tiles(max_pixels: int, tile: int) -> int:
+    """A pixel budget as a tiling family's tile cap: the whole ``tile`` x ``tile`` grid tiles within ``max_pixels``.
+    The base tile (LLaVA-NeXT, OneVision) or thumbnail (InternVL), a downscaled copy of the whole image, comes on top
+    and is not counted, as with ``anyres_max_tiles``."""
+    if max_pixels < tile * tile:
+        raise ConfigError(f"image_max_pixels {max_pixels} is below one {tile}x{tile} tile")
+    return max_pixels // (tile * tile)

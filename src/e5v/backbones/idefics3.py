@@ -20,7 +20,7 @@ import torch
 
 from .. import prompts
 from ..errors import ConfigError
-from .base import Backbone, Features, register
+from .base import Backbone, Features, load_tokenizer, lowers, register
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def expand_image(rows: int, cols: int, seq_len: int) -> str:
 class Idefics3Backbone(Backbone):
     model_types = ("idefics3",)
     chat_formats = (prompts.TEMPLATE,)
+    reserved_tokens = (prompts.IMAGE, FAKE, GLOBAL)
 
     @classmethod
     def image_processor_class(cls):
@@ -52,9 +53,7 @@ class Idefics3Backbone(Backbone):
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
-        from transformers import AutoTokenizer
-
-        return {"tokenizer": AutoTokenizer.from_pretrained(path, **hub_kwargs),
+        return {"tokenizer": load_tokenizer(path, **hub_kwargs)[0],
                 "image_processor": cls.image_processor_class().from_pretrained(path, **hub_kwargs)}
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
@@ -65,16 +64,17 @@ class Idefics3Backbone(Backbone):
     def limit_pixels(self, max_pixels: int) -> None:
         """Images are resized to a longest edge of whole tiles with at most ``max_pixels`` pixels in its square
         (``size["longest_edge"]``, never above the checkpoint's): at most ``(edge / tile)^2 + 1`` tiles of
-        ``image_seq_len`` tokens. One tile (the global image alone) is the least."""
+        ``image_seq_len`` tokens. One tile (the global image alone, not split) is the least."""
         tile = self.image_processor.max_image_size["longest_edge"]
         size = dict(self.image_processor.size)
         if max_pixels < tile * tile:
             raise ConfigError(f"image_max_pixels {max_pixels} is below the model's minimum of {tile * tile} pixels "
                               f"(one {tile}x{tile} tile)")
-        edge = min(math.isqrt(max_pixels) // tile * tile, size["longest_edge"])
-        log.info("image longest edge capped at %d px (was %d): at most %d x %d tiles", edge, size["longest_edge"],
-                 edge // tile, edge // tile)
-        self.image_processor.size = {**size, "longest_edge": edge}
+        if lowers("image_max_pixels", max_pixels, size["longest_edge"] ** 2):
+            edge = math.isqrt(max_pixels) // tile * tile
+            log.info("image longest edge capped at %d px (was %d): at most %d x %d tiles", edge,
+                     size["longest_edge"], edge // tile, edge // tile)
+            self.image_processor.size = {**size, "longest_edge": edge}
 
     def prepare(self, text: str, image=None) -> Features:
         images = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ConfigError
-from .base import Backbone, Features, register
+from .base import Backbone, Features, load_tokenizer, lowers, register, whole_tiles
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +22,13 @@ class InternVLBackbone(Backbone):
     model_types = ("internvl",)
     chat_formats = ("template",)
     image_placeholder = "<IMG_CONTEXT>"
+    reserved_tokens = ("<IMG_CONTEXT>", "<img>", "</img>")
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
-        from transformers import AutoTokenizer
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-        return {"tokenizer": AutoTokenizer.from_pretrained(path, **hub_kwargs),
+        return {"tokenizer": load_tokenizer(path, **hub_kwargs)[0],
                 "image_processor": GotOcr2ImageProcessorPil.from_pretrained(path, **hub_kwargs)}
 
     def __init__(self, model, tokenizer, image_processor, *, chat_format: str | None = None, path: str = ""):
@@ -37,21 +37,19 @@ class InternVLBackbone(Backbone):
         self.tokens_per_tile = model.config.image_seq_length if model is not None else None
 
     def limit_anyres(self, max_tiles: int) -> None:
-        """At most ``max_tiles`` tiles in the grid (the processor's ``max_patches``; 12 in InternVL3), plus the
-        thumbnail when the grid has more than one. A 640x480 image takes 13 tiles (a 4x3 grid + thumbnail), 3,328
-        image tokens, at the default; 1 tile, 256 tokens, with ``max_tiles=1``."""
+        """At most ``max_tiles`` tiles in the grid (the processor's ``max_patches``; 12 in InternVL3, never raised),
+        plus the thumbnail when the grid has more than one. A 640x480 image takes 13 tiles (a 4x3 grid + thumbnail),
+        3,328 image tokens, at the default; 1 tile, 256 tokens, with ``max_tiles=1``."""
         if max_tiles < 1:
             raise ConfigError(f"anyres max_tiles must be >= 1, not {max_tiles}")
-        log.info("tiles capped at %d (was %d)", max_tiles, self.image_processor.max_patches)
-        self.image_processor.max_patches = int(max_tiles)
+        if lowers("tile cap", max_tiles, self.image_processor.max_patches):
+            log.info("tiles capped at %d (was %d)", max_tiles, self.image_processor.max_patches)
+            self.image_processor.max_patches = int(max_tiles)
 
     def limit_pixels(self, max_pixels: int) -> None:
-        """The pixel budget as a tile cap: as many 448-px tiles, thumbnail included, as fit in ``max_pixels``."""
-        size = self.image_processor.size
-        tiles = max_pixels // (size["height"] * size["width"])
-        if tiles < 1:
-            raise ConfigError(f"image_max_pixels {max_pixels} is below one {size['width']}x{size['height']} tile")
-        self.limit_anyres(tiles - 1 if tiles >= 3 else 1)  # a grid of n > 1 tiles comes with a thumbnail
+        """The grid's tiles within ``max_pixels`` pixels: :meth:`limit_anyres` with :func:`~.base.whole_tiles`
+        (the thumbnail on top, as LLaVA-NeXT's base tile)."""
+        self.limit_anyres(whole_tiles(max_pixels, self.image_processor.size["height"]))
 
     def preprocessing_key(self) -> tuple:
         return (*super().preprocessing_key(), self.image_processor.max_patches)

@@ -7,7 +7,7 @@ Fixes that the official E5-V code lacks on current transformers, done here at lo
   (128256 in royokong/e5-v, one past the embedding matrix): the config is pointed at the
   tokenizer's id and the input embeddings get the missing row (its value is never used: image features
   replace it);
-- without torchvision, transformers falls back to the PIL image processors by itself.
+- no torchvision needed: the processor loads with its PIL backend (:class:`~.base.ProcessorBackbone`).
 """
 from __future__ import annotations
 
@@ -16,45 +16,32 @@ import logging
 import torch
 
 from .. import prompts
-from .base import Backbone, Features, register
+from .base import ProcessorBackbone, register
 
 log = logging.getLogger(__name__)
 
 
 @register
-class LlavaBackbone(Backbone):
+class LlavaBackbone(ProcessorBackbone):
     model_types = ("llava",)
     chat_formats = ("vicuna", "llama3", "mistral")
+    reserved_tokens = (prompts.IMAGE,)
 
     @classmethod
     def detect_chat_format(cls, tokenizer) -> str:
+        """E5-V's hand-written format the tokenizer is made for, where the family has it; else its default."""
         vocab = tokenizer.get_vocab()
-        if "<|start_header_id|>" in vocab:
-            return "llama3"
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-        if "[INST]" in vocab or "[INST]" in template:
-            return "mistral"
-        return "vicuna"
+        guess = ("llama3" if "<|start_header_id|>" in vocab else
+                 "mistral" if "[INST]" in vocab or "[INST]" in template else "vicuna")
+        return guess if guess in cls.chat_formats else cls.chat_formats[0]
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
-        from transformers import AutoProcessor
-
-        # The PIL backend is the one the official recipe ran (the "slow" processor), and the one that works
-        # without torchvision on every transformers >= 5.17.
-        processor = AutoProcessor.from_pretrained(path, backend="pil", **hub_kwargs)
+        parts = super().load_preprocessing(path, model, **hub_kwargs)
         if model is not None:  # texts only need no image-token fix
-            fix_processor_and_model(processor, model)
-        return {"processor": processor}
-
-    def __init__(self, model, processor, *, chat_format: str | None = None, path: str = ""):
-        super().__init__(model, processor.tokenizer, processor.image_processor, chat_format=chat_format, path=path)
-        self.processor = processor
-
-    def prepare(self, text: str, image=None) -> Features:
-        enc = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
-        images = {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc}
-        return Features(enc["input_ids"][0], images)
+            fix_processor_and_model(parts["processor"], model)
+        return parts
 
 
 def fix_processor_and_model(processor, model) -> None:

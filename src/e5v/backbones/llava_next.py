@@ -1,6 +1,7 @@
 """LLaVA-NeXT / LLaVA-1.6 (``model_type: llava_next``): E5-V's own backbone (Llama-3 chat format), and the
 Mistral ``[INST]`` and Vicuna variants. AnyRes images give a different number of tiles per image: the
-tiles are padded to the batch's largest count; the model drops the padding using ``image_sizes``."""
+tiles are padded to the batch's largest count; the model drops the padding using ``image_sizes``. The grid can be
+capped (``anyres_max_tiles``, or ``image_max_pixels`` in whole tiles), for LLaVA-OneVision too."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from .base import register
+from .base import lowers, register, whole_tiles
 from .llava import LlavaBackbone
 
 
@@ -21,7 +22,8 @@ class LlavaNextBackbone(LlavaBackbone):
     chat_formats = ("llama3", "mistral", "vicuna")
 
     def limit_anyres(self, max_tiles: int) -> None:
-        """Keep only the AnyRes grids of at most ``max_tiles`` tiles, in the processor and in the model.
+        """Keep only the AnyRes grids of at most ``max_tiles`` tiles, in the processor and in the model (the base
+        tile comes on top); at or above the checkpoint's largest grid, nothing changes.
 
         A speed option that deviates from the official recipe: a 640x480 image on royokong/e5-v takes 2,340
         image tokens at full AnyRes (base tile + a 2x2 grid) and 1,026 with ``max_tiles=1`` (base tile + one
@@ -31,12 +33,17 @@ class LlavaNextBackbone(LlavaBackbone):
             raise ConfigError(f"anyres max_tiles must be >= 1, not {max_tiles}")
         cfg = self.model.config
         tile = cfg.vision_config.image_size
-        pins = [list(p) for p in cfg.image_grid_pinpoints if (p[0] // tile) * (p[1] // tile) <= max_tiles]
-        if not pins:
-            pins = [[tile, tile]]
+        tiles = [(p[0] // tile) * (p[1] // tile) for p in cfg.image_grid_pinpoints]
+        if not lowers("tile cap", max_tiles, max(tiles)):
+            return
+        pins = [list(p) for p, n in zip(cfg.image_grid_pinpoints, tiles) if n <= max_tiles] or [[tile, tile]]
         log.info("AnyRes capped at %d tile(s): pinpoints %s -> %s", max_tiles, cfg.image_grid_pinpoints, pins)
         cfg.image_grid_pinpoints = pins
         self.image_processor.image_grid_pinpoints = pins
+
+    def limit_pixels(self, max_pixels: int) -> None:
+        """The AnyRes grids within ``max_pixels`` pixels: :meth:`limit_anyres` with :func:`~.base.whole_tiles`."""
+        self.limit_anyres(whole_tiles(max_pixels, self.model.config.vision_config.image_size))
 
     def stack_images(self, images):
         tiles = max(im["pixel_values"].shape[1] for im in images)

@@ -7,22 +7,22 @@ shrinks the grid (bilinear) when it holds more than about 9 tiles' worth of feat
 ``LlavaOnevisionProcessor`` cannot be built without torchvision (its video processor needs it): tokenizer and PIL
 image processor are loaded separately and :class:`OnevisionProcessor` expands ``<image>`` by the processor's rule.
 The chat template is the processor's (``chat_template.json``); the llava-hf tokenizer configs keep their text
-model's (Qwen2-Instruct's).
+model's (Qwen2-Instruct's). The grid caps are LLaVA-NeXT's (:meth:`~.llava_next.LlavaNextBackbone.limit_anyres`).
+Only the "full" vision feature strategy (every SigLIP feature) is supported, as the llava-hf checkpoints use.
 """
 from __future__ import annotations
 
 import math
 
 from .. import prompts
-from ..errors import ConfigError, ModelLoadError
-from .base import register
+from ..errors import ModelLoadError
+from .base import load_tokenizer, register
 from .llava_next import LlavaNextBackbone
-from .qwen2_vl import load_tokenizer
 
 
 class OnevisionProcessor:
-    """``LlavaOnevisionProcessor`` for one text with at most one image (as ``LlavaBackbone.prepare`` calls it): the
-    image processor's tiles, and ``<image>`` repeated once per image feature the model will put there."""
+    """``LlavaOnevisionProcessor`` for one text with at most one image (as ``ProcessorBackbone.prepare`` calls it):
+    the image processor's tiles, and ``<image>`` repeated once per image feature the model will put there."""
 
     def __init__(self, tokenizer, image_processor, settings: dict):
         """``settings``: the processor's (``processor_config.json``)."""
@@ -68,10 +68,6 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
     chat_formats = (prompts.TEMPLATE,)
 
     @classmethod
-    def detect_chat_format(cls, tokenizer) -> str:
-        return prompts.TEMPLATE
-
-    @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
         from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
             LlavaOnevisionImageProcessorPil)
@@ -79,13 +75,12 @@ class LlavaOnevisionBackbone(LlavaNextBackbone):
         tokenizer, settings = load_tokenizer(path, **hub_kwargs)
         if "num_image_tokens" not in settings:
             raise ModelLoadError(f"{path}: processor_config.json has no num_image_tokens (image features per tile)")
+        strategies = {settings.get("vision_feature_select_strategy"),
+                      getattr(getattr(model, "config", None), "vision_feature_select_strategy", None)}
+        if "default" in strategies:
+            raise ModelLoadError(f"{path}: vision_feature_select_strategy 'default' is not supported for "
+                                 "LLaVA-OneVision: it drops each tile's first feature, a CLS token that SigLIP does "
+                                 "not have, and the model's tile grid no longer fits ('full', as llava-hf's "
+                                 "checkpoints, is)")
         image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path, **hub_kwargs)
         return {"processor": OnevisionProcessor(tokenizer, image_processor, settings)}
-
-    def limit_pixels(self, max_pixels: int) -> None:
-        """The AnyRes grids of at most ``max_pixels`` pixels (whole tiles: ``max_pixels // tile**2`` of them, see
-        :meth:`limit_anyres`); the base tile is always there."""
-        tile = self.model.config.vision_config.image_size
-        if max_pixels < tile * tile:
-            raise ConfigError(f"image_max_pixels {max_pixels} is below one {tile}x{tile} tile")
-        self.limit_anyres(max_pixels // (tile * tile))

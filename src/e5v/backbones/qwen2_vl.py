@@ -11,7 +11,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from .base import Backbone, Features, register
+from .base import Backbone, Features, load_tokenizer, lowers, register
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ class QwenVLBackbone(Backbone):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     chat_formats = ("qwen",)
     image_placeholder = "<|vision_start|>" + IMAGE_PAD + "<|vision_end|>"
+    reserved_tokens = (IMAGE_PAD, "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
     @classmethod
     def load_preprocessing(cls, path, model, **hub_kwargs):
@@ -39,13 +40,15 @@ class QwenVLBackbone(Backbone):
 
     def limit_pixels(self, max_pixels: int) -> None:
         """Qwen's dynamic resolution: images are resized to at most ``max_pixels`` pixels (the processor's
-        ``max_pixels``, ``size["longest_edge"]``), so at most ``max_pixels / (patch * merge)^2`` image tokens."""
+        ``max_pixels``, ``size["longest_edge"]``; never above the checkpoint's), so at most
+        ``max_pixels / (patch * merge)^2`` image tokens."""
         size = dict(self.image_processor.size)
         if max_pixels < size["shortest_edge"]:
             raise ConfigError(f"image_max_pixels {max_pixels} is below the model's minimum of "
                               f"{size['shortest_edge']} pixels")
-        log.info("image pixels capped at %d (was %d)", max_pixels, size["longest_edge"])
-        self.image_processor.size = {**size, "longest_edge": int(max_pixels)}
+        if lowers("image_max_pixels", max_pixels, size["longest_edge"]):
+            log.info("image pixels capped at %d (was %d)", max_pixels, size["longest_edge"])
+            self.image_processor.size = {**size, "longest_edge": int(max_pixels)}
 
     def prepare(self, text: str, image=None) -> Features:
         images = {}
@@ -80,16 +83,3 @@ class QwenVLBackbone(Backbone):
         batch["position_ids"] = torch.cat(rows, dim=2)
         return batch, ends
 
-
-def load_tokenizer(path, **hub_kwargs):
-    """(tokenizer, processor settings) of a checkpoint whose processor cannot be built without torchvision: the
-    settings of its ``processor_config.json``, and the tokenizer with the processor's chat template (``chat_template
-    .json`` / ``.jinja``) where there is one: that is the template the model's processor renders, and a tokenizer
-    config may hold another (llava-hf's OneVision keeps its text model's, Qwen2-Instruct's)."""
-    from transformers import AutoTokenizer, ProcessorMixin
-
-    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
-    settings, _ = ProcessorMixin.get_processor_dict(path, **hub_kwargs)
-    if settings.get("chat_template"):
-        tokenizer.chat_template = settings["chat_template"]
-    return tokenizer, settings

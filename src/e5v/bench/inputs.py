@@ -31,14 +31,13 @@ def make_texts(n: int, backbone, seed: int = 0) -> list[str]:
     from .. import prompts
 
     rng = np.random.default_rng(seed)
-    template = backbone.render(prompts.TEXT)
     texts = []
     for _ in range(n):
         target, words = int(rng.integers(TEXT_TOKENS[0], TEXT_TOKENS[1] + 1)), []
         while True:
             words.append(str(rng.choice(WORDS)))
             text = " ".join(words).capitalize() + "."
-            if len(backbone.prepare(prompts.fill(template, text))) >= target:
+            if len(backbone.prepare(backbone.render(prompts.fill(prompts.TEXT, text)))) >= target:
                 break
         texts.append(text)
     return texts

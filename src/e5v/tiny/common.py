@@ -8,6 +8,7 @@ IMG, PATCH = 32, 8                                          # vision tower: 32 p
 PINPOINTS = [[IMG, 2 * IMG], [2 * IMG, IMG], [2 * IMG, 2 * IMG]]
 TEXT_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048)
+HEAD_DIM = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
 
 # Fixed corpus: E5-V prompts and everyday words, so the BPE merges look like real sub-words.
 _CORPUS = [
@@ -89,6 +90,16 @@ def build_tokenizer(style: TokenizerStyle, image_token: str | None = None, vocab
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=style.bos, eos_token=style.eos,
                                    pad_token=style.pad, unk_token=style.unk, padding_side="left",
                                    chat_template=style.chat_template, **extra)
+
+
+def write_legacy_chat_template(out, template: str) -> None:
+    """The processor's chat template as older checkpoints keep it: in ``chat_template.json`` alone (no
+    ``chat_template.jinja``), where only a loader that reads the processor's files finds it."""
+    import json
+    import pathlib
+
+    (pathlib.Path(out) / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+    (pathlib.Path(out) / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def randomise_zeros(model, std: float = 0.02) -> None:

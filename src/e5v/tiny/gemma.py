@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from .common import TEXT_DIMS, TokenizerStyle, build_tokenizer, randomise_zeros
+from .common import HEAD_DIM, TEXT_DIMS, TokenizerStyle, build_tokenizer, randomise_zeros
 
 FAMILIES = ("gemma3", "internvl")
 
@@ -112,8 +112,7 @@ def _gemma3(out: pathlib.Path) -> None:
 
     tok = _tokenizer(GEMMA3_STYLE, out, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
                      image_token="<image_soft_token>")
-    head_dim = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
-    text = Gemma3TextConfig(vocab_size=len(tok), **TEXT_DIMS, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+    text = Gemma3TextConfig(vocab_size=len(tok), **TEXT_DIMS, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                             sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     vision = SiglipVisionConfig(image_size=GEMMA3_IMG, patch_size=14, hidden_size=32, intermediate_size=64,

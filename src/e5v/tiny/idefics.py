@@ -4,15 +4,16 @@ HuggingFaceTB/SmolVLM2-*): SigLIP-style tower, pixel shuffle, images split into 
 Real geometry kept: the processor's longest edge is 4 tiles (Idefics3 4 x 364, SmolVLM 4 x 512), tiles are the tower's
 image size, the pixel-shuffle scale factor (Idefics3 2, SmolVLM 4), LANCZOS resampling, mean/std 0.5, the special
 tokens (``<fake_token_around_image>``, ``<image>``, ``<global-img>``, ``<row_1_col_1>`` .. ``<row_6_col_6>``,
-``<end_of_utterance>``) and each model's chat template, verbatim. Scaled down: 32 px tiles (patches of 8 px for
-Idefics3, 4 px for SmolVLM, so 4 image tokens per tile), the tower and the LM sizes.
+``<end_of_utterance>``) and each model's chat template, verbatim: Idefics3's in ``chat_template.json`` alone, as older
+processor checkpoints keep it (its tokenizer has none), SmolVLM's in ``chat_template.jinja``. Scaled down: 32 px
+tiles (patches of 8 px for Idefics3, 4 px for SmolVLM, so 4 image tokens per tile), the tower and the LM sizes.
 """
 from __future__ import annotations
 
 import json
 import pathlib
 
-from .common import IMG, PATCH, TEXT_DIMS, TokenizerStyle, build_tokenizer
+from .common import IMG, PATCH, TEXT_DIMS, TokenizerStyle, build_tokenizer, write_legacy_chat_template
 
 FAMILIES = ("idefics3", "smolvlm")
 
@@ -46,7 +47,7 @@ SMOLVLM_STYLE = TokenizerStyle(("<|endoftext|>", "<|im_start|>", "<|im_end|>", *
 
 
 def build(family: str, out: pathlib.Path) -> None:
-    """Idefics3: model + ``Idefics3Processor`` (PIL image processor). SmolVLM: model, tokenizer and PIL image
+    """Idefics3: model + ``Idefics3Processor`` (PIL image processor) files. SmolVLM: model, tokenizer and PIL image
     processor; no processor config, because ``SmolVLMProcessor`` needs torchvision (its video processor)."""
     from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig,
                               SmolVLMConfig, SmolVLMForConditionalGeneration)
@@ -74,11 +75,14 @@ def build(family: str, out: pathlib.Path) -> None:
         tokenizer.save_pretrained(out)
         SmolVLMImageProcessorPil(**images).save_pretrained(out)
     else:
+        # the older layout of processor checkpoints: the chat template in chat_template.json alone (the tokenizer
+        # has none), the image processor in preprocessor_config.json, processor_config.json the rest
+        tokenizer.chat_template = None
         image_processor = Idefics3ImageProcessorPil(**images)
-        Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=(IMG // PATCH) ** 2
-                          // scale ** 2, chat_template=IDEFICS3_TEMPLATE).save_pretrained(out)
-        # the real layout: the image processor in preprocessor_config.json, processor_config.json the rest
+        Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                          image_seq_len=(IMG // PATCH) ** 2 // scale ** 2).save_pretrained(out)
         image_processor.save_pretrained(out)
         path = out / "processor_config.json"
         path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "image_processor"},
                                    indent=2, sort_keys=True) + "\n")
+        write_legacy_chat_template(out, IDEFICS3_TEMPLATE)

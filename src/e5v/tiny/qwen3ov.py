@@ -18,7 +18,8 @@ import dataclasses
 import json
 import pathlib
 
-from .common import IMG, PATCH, QWEN_STYLE, TEXT_DIMS, TokenizerStyle, build_tokenizer
+from .common import IMG, PATCH, QWEN_STYLE, TEXT_DIMS, TokenizerStyle, build_tokenizer, write_legacy_chat_template
+from .qwen import qwen_vl_config
 
 FAMILIES = ("qwen3-vl", "llava-onevision")
 
@@ -173,7 +174,6 @@ ONEVISION_STYLE = TokenizerStyle(  # Qwen2-Instruct's specials; <image> is added
 QWEN3_VL_PIXELS = {"shortest_edge": 32 * 32, "longest_edge": 128 * 128}
 #: LLaVA-OneVision's grid of 1x1 to 6x6 tiles (real: 384-px tiles, 384x384 to 2304x2304)
 ONEVISION_PINPOINTS = [[IMG * rows, IMG * cols] for rows in range(1, 7) for cols in range(1, 7)]
-HEAD_DIM = TEXT_DIMS["hidden_size"] // TEXT_DIMS["num_attention_heads"]
 
 
 def build(family: str, out: pathlib.Path) -> None:
@@ -189,18 +189,11 @@ def _build_qwen3_vl(out: pathlib.Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer(QWEN3_VL_STYLE)
-    ids = {s: tokenizer.convert_tokens_to_ids(s) for s in QWEN3_VL_STYLE.specials}
-    # real: head_dim 128, mrope_section [24, 20, 20] (half the rotary dims for time, a quarter each for h and w)
-    text = dict(vocab_size=len(tokenizer), eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                head_dim=HEAD_DIM, **TEXT_DIMS,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True})
+    # real: head_dim 128, rope_theta 5e6, interleaved M-RoPE
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=TEXT_DIMS["hidden_size"], num_position_embeddings=16,
                   deepstack_visual_indexes=[0, 1])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
+    config = qwen_vl_config(Qwen3VLConfig, tokenizer, vision, rope_theta=5e6, mrope_interleaved=True)
     Qwen3VLForConditionalGeneration(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2, size=QWEN3_VL_PIXELS,
@@ -232,8 +225,7 @@ def _build_onevision(out: pathlib.Path) -> None:
                 "LlavaOnevisionProcessor", "video_token": "<video>", "vision_aspect_ratio": "anyres_max_9",
                 "vision_feature_select_strategy": "full"}
     (out / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": ONEVISION_TEMPLATE}, indent=2) + "\n")
+    write_legacy_chat_template(out, ONEVISION_TEMPLATE)
     # as on the hub (saved by transformers 4.x): the tokenizer's template inside tokenizer_config.json
     path = out / "tokenizer_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": QWEN2_TEXT_TEMPLATE}, indent=2) + "\n")
-    (out / "chat_template.jinja").unlink()
