@@ -11,13 +11,17 @@ on q,k,v,o,gate,up,down; sentences of ``--tokens`` tokens (prompt included), a t
 Prints one JSON line per path.
 
 ``--images``: e5v's step on image-caption pairs through the whole multimodal model (``images`` path): each image
-(COCO-sized JPEG, the image prompt, AnyRes tiles) against its caption (the text prompt), the vision tower frozen
+(COCO-sized JPEG file, the image prompt, AnyRes tiles) against its caption (the text prompt), the vision tower frozen
 (``--train-projector``, ``--vision-lora`` to train it); the real llama3-llava-next-8b architecture with random
 weights, ``--tiny`` its geometry with narrow layers, or ``--model DIR`` a checkpoint (e.g. the bundled mini model).
-Reports sentences/s (images and captions), images/s and the peak memory (GPU: allocated; CPU: the process's RSS).
+A timed step is what a training step does: prepare the batch (decode, tile, tokenise: ``prepare_s``), then
+GradCache (chunks of at most ``--chunk`` sequences and ``--chunk-tokens`` padded tokens) and AdamW; ``step_s``,
+sentences/s (images and captions) and images/s are of the whole step. Also the peak memory (GPU: allocated; CPU:
+the process's RSS).
 
 GPU:   python benchmarks/train_step.py --device cuda --dtype bfloat16 --triplets 128 --chunk 96
-       python benchmarks/train_step.py --images --device cuda --dtype bfloat16 --triplets 64 --chunk 16
+       python benchmarks/train_step.py --images --device cuda --dtype bfloat16 --triplets 32 --chunk 72 \
+           --e5v-checkpointing
 CPU:   python benchmarks/train_step.py --tiny
        python benchmarks/train_step.py --images --model src/e5v/toyworld/mini-before-c --triplets 32 --chunk 16
 """
@@ -94,8 +98,8 @@ def run(args) -> list[dict]:
 
 
 def timed_steps(args, device, model, opt, step):
-    """(median seconds, last result) of ``args.steps`` optimiser steps after ``args.warmup``; peak memory counted
-    from here."""
+    """(median seconds, last result of ``step()``) of ``args.steps`` optimiser steps after ``args.warmup``; peak
+    memory counted from here."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,10 +135,13 @@ def _where(args, device) -> dict:
 
 
 def run_images(args) -> list[dict]:
-    """e5v's step on image-caption pairs through the whole multimodal model (module docstring)."""
-    from e5v import prompts
+    """e5v's step on image-caption pairs through the whole multimodal model (module docstring): each timed step
+    prepares its batch as training does (the JPEG files decoded, tiled and tokenised), then runs GradCache."""
+    import tempfile
+    from pathlib import Path
+
     from e5v.bench.inputs import make_images, make_texts
-    from e5v.items import Item
+    from e5v.train.data import Side, Triplet
     from e5v.train.embed import EngineSentences
     from e5v.train.gradcache import contrastive_step
     from e5v.train.model import add_lora, load_language_model
@@ -158,21 +165,31 @@ def run_images(args) -> list[dict]:
     mode = EngineSentences(backbone, max_length=backbone.max_length, multimodal=True)
     encode = mode.encoder(model.runner, device, autocast=dtype if dtype != torch.float32 else None)
     opt = torch.optim.AdamW(model.trainable, lr=1e-5)
-    n = args.triplets
-    t0 = time.perf_counter()
-    images = [mode.preparer.prepare(Item(image=b, name=f"image {i}"), prompts.IMAGE_PROMPT)
-              for i, b in enumerate(make_images(n))]
-    captions = [mode.prepare_side(t) for t in make_texts(n, backbone)]
-    prepare_s = time.perf_counter() - t0
-    sec, res = timed_steps(args, device, model, opt, lambda: contrastive_step(
-        encode, images, captions, [], chunk_size=args.chunk, sort_by_length=True, device=device))
+    n, prepare_times = args.triplets, []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, data in enumerate(make_images(n)):
+            paths.append(Path(folder) / f"{i}.jpg")
+            paths[-1].write_bytes(data)
+        rows = [Triplet(Side(image=str(p), name=p.name), caption) for p, caption in zip(paths, make_texts(n, backbone))]
+
+        def step():
+            t = time.perf_counter()
+            images, captions, _, _ = mode.inputs(rows)
+            prepare_times.append(time.perf_counter() - t)
+            return contrastive_step(encode, images, captions, [], chunk_size=args.chunk,
+                                    chunk_tokens=args.chunk_tokens or None, sort_by_length=True, device=device), \
+                images, captions
+
+        sec, (res, images, captions) = timed_steps(args, device, model, opt, step)
+    prepare_s = sorted(prepare_times[args.warmup:])[len(prepare_times[args.warmup:]) // 2]
     result = {"path": "images", "pairs": n, "image_tokens": round(sum(map(len, images)) / n),
-              "caption_tokens": round(sum(map(len, captions)) / n), "chunk_sequences": min(args.chunk, 2 * n),
-              "chunks": res.chunks, "checkpointing": _checkpointing(model.lm),
+              "caption_tokens": round(sum(map(len, captions)) / n), "chunk_sequences": args.chunk,
+              "chunk_tokens": args.chunk_tokens, "chunks": res.chunks, "checkpointing": _checkpointing(model.lm),
               "trained": "lm-lora" + ("+projector" if args.train_projector else "")
               + ("+vision-lora" if args.vision_lora else ""),
               "sentences_per_s": round(2 * n / sec, 2), "images_per_s": round(n / sec, 2), "step_s": round(sec, 4),
-              "prepare_s": round(prepare_s, 2), "loss": round(res.loss, 4), **_where(args, device),
+              "prepare_s": round(prepare_s, 4), "loss": round(res.loss, 4), **_where(args, device),
               "model": args.model or ("llama3-llava-next-8b (random)" if not args.tiny else "tiny llava-next"),
               "build_s": round(build_s, 1)}
     print(json.dumps(result), flush=True)
@@ -186,7 +203,9 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny config of the same family (CPU smoke run)")
     p.add_argument("--triplets", type=int, default=128, help="contrastive batch, in triplets (--images: pairs)")
     p.add_argument("--tokens", type=int, default=44, help="tokens per sentence, prompt included")
-    p.add_argument("--chunk", type=int, default=96, help="e5v: sequences per GradCache chunk")
+    p.add_argument("--chunk", type=int, default=96, help="e5v: sequences per GradCache chunk (at most)")
+    p.add_argument("--chunk-tokens", type=int, default=16384,
+                   help="--images: padded tokens per GradCache chunk (at most; training's micro_batch_tokens; 0: none)")
     p.add_argument("--e5v-checkpointing", action="store_true", help="e5v: also checkpoint (bigger chunks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the language model")
     p.add_argument("--attn", default="sdpa")

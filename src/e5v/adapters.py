@@ -46,18 +46,19 @@ def adapter_keys(adapter_dir: Path) -> list[str]:
 VISION_FILE = "vision_weights.safetensors"
 
 
-#: (vision tower, projector) module names in the multimodal base models of transformers: LLaVA(-NeXT), Gemma 3 and
-#: InternVL; Idefics3 / SmolVLM; Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the tower's blocks, then its merger).
-VISION_PARTS = (("vision_tower", "multi_modal_projector"), ("vision_model", "connector"),
-                ("visual.blocks", "visual.merger"))
+#: (vision tower, projectors) module names in the multimodal base models of transformers: LLaVA(-NeXT), Gemma 3 and
+#: InternVL; Idefics3 / SmolVLM; Qwen2-VL, Qwen2.5-VL and Qwen3-VL (the tower's blocks, then its merger, and
+#: Qwen3-VL's deepstack mergers, which put features of inner blocks into the first LM layers).
+VISION_PARTS = (("vision_tower", ("multi_modal_projector",)), ("vision_model", ("connector",)),
+                ("visual.blocks", ("visual.merger", "visual.deepstack_merger_list")))
 
 
-def vision_modules(base: torch.nn.Module) -> tuple[str, str]:
-    """(vision tower, projector): their module names in a multimodal base model (``model.model``)."""
+def vision_modules(base: torch.nn.Module) -> tuple[str, tuple[str, ...]]:
+    """(vision tower, the projectors it has): their module names in a multimodal base model (``model.model``)."""
     names = {n for n, _ in base.named_modules()}
-    for tower, projector in VISION_PARTS:
-        if tower in names and projector in names:
-            return tower, projector
+    for tower, projectors in VISION_PARTS:
+        if tower in names and projectors[0] in names:
+            return tower, tuple(p for p in projectors if p in names)
     raise ModelLoadError(f"{type(base).__name__}: no known vision tower and projector")
 
 

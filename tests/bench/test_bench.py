@@ -186,5 +186,5 @@ def test_gpu_script_arguments_are_valid_and_fit_ten_minutes(tmp_path):
             assert not args.tiny and args.device == "cuda" and args.dtype == "bfloat16" and args.images >= 64
             assert args.image_batches == "1,8" and args.text_batches == "15,256" and args.workers >= 4
             assert set(args.variants.split(",")) == {"packed", "grouped", "flex"}
-            assert len(limits) == 2 and sum(limits) <= 560  # embed + train, kill grace included: < 10 min
+            assert len(limits) == 3 and sum(limits) <= 560  # embed, train, train with images: < 10 min
         assert "gpu_all: exit 0" in stdout

@@ -41,15 +41,15 @@ def sentences(model_dir: str, **options):
 
 
 def image_model(model_dir: str, *, dropout: float = 0.0, b_std: float = 0.05, train_projector: bool = True,
-                vision_lora: bool = True):
-    """(LoraModel, EngineSentences) for data with images: the whole tiny model, seeded LoRA on the LM (and on the
-    tower) with random B matrices, the projector trainable; the mode embeds through the multimodal model."""
+                vision_lora: bool = True, dtype: torch.dtype = torch.float32):
+    """(LoraModel, EngineSentences) for data with images: the whole tiny model (in ``dtype``), seeded LoRA on the
+    LM (and on the tower) with random B matrices, the projector trainable; the mode embeds through the multimodal
+    model."""
     from e5v.train.embed import EngineSentences
     from e5v.train.model import add_lora, load_language_model
     from e5v.train.trainer import training_backbone
 
-    lm, config, full = load_language_model(model_dir, dtype=torch.float32, device=torch.device("cpu"),
-                                           load_vision=True)
+    lm, config, full = load_language_model(model_dir, dtype=dtype, device=torch.device("cpu"), load_vision=True)
     backbone = training_backbone(model_dir, config, full)
     torch.manual_seed(0)
     model = add_lora(lm, r=4, alpha=8, dropout=dropout, gradient_checkpointing=False, full=full,

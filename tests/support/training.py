@@ -31,10 +31,11 @@ def env() -> dict:
             "PYTHONPATH": str(SRC)}
 
 
-def image_rows(folder: Path, n: int, *, corrupt=(), name: str = "sides.jsonl") -> Path:
+def image_rows(folder: Path, n: int, *, corrupt=(), corrupt_negatives=(), name: str = "sides.jsonl") -> Path:
     """``n`` JSONL rows with image sides in ``folder`` (images beside it, relative paths), every kind in turn:
     text -> image (+ text hard negative), image -> text, image+text -> image (+ image hard negative), a plain
-    text triplet, a text with its own prompt -> image. Rows in ``corrupt`` point at a file that is no image."""
+    text triplet, a text with its own prompt -> image. Rows in ``corrupt`` have a query, rows in
+    ``corrupt_negatives`` a hard negative, that points at a file that is no image."""
     import json
 
     import numpy as np
@@ -66,6 +67,8 @@ def image_rows(folder: Path, n: int, *, corrupt=(), name: str = "sides.jsonl") -
                    "positive": {"image": img, "prompt": "<image>\nWhat is shown, in one word:"}}
         if i in corrupt:
             row["query"] = {"image": "img/broken.png", "text": f"broken {i}"}
+        if i in corrupt_negatives:
+            row["negative"] = {"image": "img/broken.png"}
         rows.append(json.dumps(row))
     (folder / name).write_text("\n".join(rows) + "\n")
     return folder / name

@@ -92,6 +92,24 @@ def test_config_file_flags_and_errors(tmp_path):
         make_config(model="m", data="d", temperature=0).validate()
 
 
+def test_resume_refuses_chunk_changes_under_dropout():
+    """Chunking settings change only speed and memory, unless LoRA dropout is on: the chunks draw their masks one
+    after the other (and compiled kernels their own way), so a resumed run with other chunks would not compute the
+    same step. Then they are refused as any other changed setting."""
+    from e5v.train.trainer import changed_settings
+
+    saved = make_config(model="m", data="d", lora_dropout=0.0).to_dict()
+    for change in ({"micro_batch_size": 8}, {"micro_batch_tokens": 512}, {"sort_by_length": False},
+                   {"compile": True}, {"save_steps": 3}):
+        assert changed_settings(saved, make_config(**{**saved, **change})) == []
+    saved = make_config(model="m", data="d", lora_dropout=0.05).to_dict()
+    assert changed_settings(saved, make_config(**{**saved, "micro_batch_size": 8, "micro_batch_tokens": 512,
+                                                  "sort_by_length": False, "compile": True, "save_steps": 3})) \
+        == ["compile", "micro_batch_size", "micro_batch_tokens", "sort_by_length"]
+    assert changed_settings(saved, make_config(**{**saved, "gradient_checkpointing": False})) == []  # masks replayed
+    assert changed_settings(saved, make_config(**{**saved, "anyres_max_tiles": 1})) == ["anyres_max_tiles"]
+
+
 def test_deepspeed_asked_without_package_is_a_clear_error(monkeypatch):
     from e5v.train.trainer import train
 
@@ -184,6 +202,48 @@ def test_gradcache_equals_plain_large_batch_loss(tiny_dirs):
     sorted_res, _ = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=3, sort=True)
     unsorted_res, _ = _lora_grads(tiny_dirs["e5v-like"], rows, chunk=3, sort=False)
     assert sorted_res.padded_tokens < unsorted_res.padded_tokens  # sorting removes padding
+
+
+def test_chunks_by_sequences_and_padded_tokens():
+    """GradCache chunks hold at most micro_batch_size sequences and micro_batch_tokens padded tokens (count x the
+    longest; a longer sequence alone), greedily: longest first (sorted) or in order."""
+    from e5v.train.gradcache import plan_chunks
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 400, (200,), generator=g).tolist() + [900]  # one over the budget
+    for sort in (True, False):
+        plan = plan_chunks(lengths, 24, sort, 1000)
+        assert sorted(k for c in plan for k in c) == list(range(201))
+        if not sort:
+            assert [k for c in plan for k in c] == list(range(201))
+        else:
+            assert [lengths[c[0]] for c in plan] == sorted((lengths[c[0]] for c in plan), reverse=True)
+        for c, after in zip(plan, plan[1:] + [None]):
+            assert len(c) <= 24 and (len(c) == 1 or len(c) * max(lengths[k] for k in c) <= 1000)
+            if after is not None:  # greedy: the next sequence did not fit
+                grown = c + after[:1]
+                assert len(grown) > 24 or len(grown) * max(lengths[k] for k in grown) > 1000
+    assert plan_chunks([3, 9, 5, 7], 2, True) == [[1, 3], [2, 0]] and plan_chunks([3, 9, 5], 2, False) == [[0, 1], [2]]
+
+
+def test_the_default_token_budget_keeps_the_official_text_chunks():
+    """E5-V's sentences (cut to 32 tokens, the text prompt in the Llama-3 chat format, the real Llama-3 tokenizer)
+    take at most 57 tokens: the default micro_batch_tokens leaves the official 72-sequence chunks whole."""
+    from e5v.bench.model import build_backbone, build_config
+    from e5v.train.embed import EngineSentences
+    from e5v.train.gradcache import plan_chunks
+
+    cfg = make_config()
+    backbone = build_backbone(build_config(tiny=True), device=torch.device("cpu"), dtype=torch.float32)
+    sents = EngineSentences(backbone, cutoff_len=cfg.cutoff_len, max_length=1 << 20)
+    words = "Photographers, unsurprisingly, disagreed about the astronomers' extraordinarily idiosyncratic " \
+            "measurements of 1,234,567 stars ...".split()
+    texts = [" ".join(words[i:] + words[:i]) * 3 for i in range(len(words))]
+    lengths = [len(f) for f in sents.prepare(texts)] * 20
+    assert max(lengths) == 57
+    assert plan_chunks(lengths, cfg.micro_batch_size, True, cfg.micro_batch_tokens) == \
+        plan_chunks(lengths, cfg.micro_batch_size, True)
+    assert cfg.micro_batch_size * max(lengths) <= cfg.micro_batch_tokens
 
 
 def test_gradcache_replays_dropout(tiny_dirs):

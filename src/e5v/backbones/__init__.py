@@ -79,10 +79,7 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
         from ..adapters import merge_adapter
 
         merge_adapter(backbone.model, cfg.adapter)
-    if cfg.anyres_max_tiles is not None:
-        backbone.limit_anyres(int(cfg.anyres_max_tiles))
-    if cfg.image_max_pixels is not None:
-        backbone.limit_pixels(int(cfg.image_max_pixels))
+    backbone.limit_images(cfg)
     log.info("loaded %s (%s, %s format) on %s in %s", name_or_path, type(backbone).__name__,
              backbone.chat_format, backbone.device, backbone.dtype)
     return backbone

@@ -135,6 +135,14 @@ class Backbone:
         raise ConfigError(f"{type(self).__name__} sees images at a fixed resolution: there is no pixel budget "
                           "to set")
 
+    def limit_images(self, cfg) -> None:
+        """The image budgets of an :class:`~e5v.config.EngineConfig` (``anyres_max_tiles``, ``image_max_pixels``),
+        where set: what the engine's loading and training with images both apply."""
+        if cfg.anyres_max_tiles is not None:
+            self.limit_anyres(int(cfg.anyres_max_tiles))
+        if cfg.image_max_pixels is not None:
+            self.limit_pixels(int(cfg.image_max_pixels))
+
     def preprocessing_key(self) -> tuple:
         """What the image preprocessing depends on beyond the checkpoint, for :meth:`e5v.prepare.Preparer.key`
         (the limits above may be set on a loaded backbone)."""

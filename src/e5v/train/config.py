@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..config import EngineConfig
 from ..errors import ConfigError
 
 
@@ -15,6 +16,7 @@ from ..errors import ConfigError
 class TrainConfig:
     model: str = ""                  # base checkpoint (hub id or directory), e.g. a llama3-llava-next-8b copy
     data: str = ""                   # .csv (sent0,sent1,hard_neg), .jsonl or .parquet; several: a.csv,b.jsonl
+    image_root: str = ""             # relative image paths: relative to this folder (empty: the data file's)
     data_weights: str = ""           # several files: each one's share of a batch ("0.7,0.3"); empty: by size
     single_source_batches: bool = False  # several files: each global batch from one file, drawn by data_weights
     output_dir: str = "e5v-train"    # checkpoints/, adapter/, log.jsonl
@@ -24,7 +26,8 @@ class TrainConfig:
     official_quirks: bool = False    # reproduce the released step (e5v.train.official): prompt, paddings, layout
     official_world_size: int = 32    # the released run's GPUs: official_quirks pads batch_size / this per group
     batch_size: int = 768            # global contrastive batch, in triplets (all processes together)
-    micro_batch_size: int = 72       # sequences per forward pass (24 triplets, the official micro-batch)
+    micro_batch_size: int = 72       # at most this many sequences per forward pass (24 triplets, the official)
+    micro_batch_tokens: int = 16384  # ... and padded tokens, as the engine's max_batch_tokens
     sort_by_length: bool = True      # chunks of similar lengths: less padding, same gradients
     epochs: float = 2.0
     max_steps: int = 0               # > 0: stop after this many optimiser steps (overrides epochs)
@@ -44,6 +47,10 @@ class TrainConfig:
     load_vision: bool = False        # load the whole multimodal model (the vision tower stays frozen)
     train_projector: bool = False    # data with images: also train the projector's weights
     vision_lora: bool = False        # data with images: also LoRA (lora_r, lora_alpha) on the vision tower
+    anyres_max_tiles: int = 0        # images as the engine's --anyres-max-tiles (0: the checkpoint's own)
+    image_max_pixels: int = 0        # ... --image-max-pixels (0: the checkpoint's own)
+    max_pixels: int = 0              # ... the engine's decoded-image limit (0: its default)
+    alpha: str = "white"             # ... how transparent images become RGB: white, official
     dtype: str = "auto"              # auto: bf16 on a GPU that has it, else fp16; fp32 on CPU
     gradient_checkpointing: bool = True
     attn_implementation: str = ""    # sdpa, eager, flash_attention_2 ...
@@ -67,10 +74,13 @@ class TrainConfig:
             raise ConfigError("no base model: set model (--model)")
         if not self.data:
             raise ConfigError("no training data: set data (--data)")
-        for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps",
-                     "official_world_size"):
+        for name in ("batch_size", "micro_batch_size", "micro_batch_tokens", "cutoff_len", "lora_r", "save_steps",
+                     "logging_steps", "official_world_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("anyres_max_tiles", "image_max_pixels", "max_pixels"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be positive, or 0 for the default, got {getattr(self, name)}")
         if self.deepspeed and self.fsdp:
             raise ConfigError("choose one of deepspeed and fsdp")
         if self.official_quirks and (self.train_projector or self.vision_lora):
@@ -81,6 +91,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def engine_config(self) -> EngineConfig:
+        """The image settings as the engine's options (0: unset), so that training sees images as serving does."""
+        return EngineConfig(anyres_max_tiles=self.anyres_max_tiles or None,
+                            image_max_pixels=self.image_max_pixels or None, max_pixels=self.max_pixels or None,
+                            alpha=self.alpha)
 
 
 def read_config_file(path) -> dict:

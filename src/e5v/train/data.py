@@ -5,10 +5,11 @@ same fields. ``hard_neg`` may be missing or empty: such a pair adds no hard nega
 an empty anchor or positive is skipped with a warning that names it; the others are kept.
 
 Sides with images: JSONL records ``{"query": {...}, "positive": {...}, "negative": {...}}`` (``negative``
-optional), each side a ``text``, an ``image`` (a path, relative to the data file's folder) or both, and an
-optional ``prompt`` of its own; or the MMEB-train columns (``qry``, ``qry_image_path``, ``pos_text``,
-``pos_image_path``, ``neg_text``, ``neg_image_path``; jsonl, parquet or csv). A text-only side without a prompt
-of its own is a plain string, as in the NLI files.
+optional), each side a ``text``, an ``image`` (a path, relative to the data file's folder or to ``image_root``) or
+both, and an optional ``prompt`` of its own (other keys are ignored with a warning); or the MMEB-train columns
+(``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``, ``neg_text``, ``neg_image_path``; jsonl, parquet or
+csv), whose image-with-text sides are an image with its instruction (:data:`MMEB_PROMPT`). A text-only side without
+a prompt of its own is a plain string, as in the NLI files.
 
 Several files (``data="a.csv,b.jsonl"``) are sources of a :class:`Sampler`: per batch, rows of each source in a
 ratio, or a whole batch from one source (``single_source_batches``).
@@ -31,6 +32,7 @@ import torch
 
 from .. import prompts
 from ..errors import ConfigError, InputError
+from ..prepare import check_prompt
 from ..readers import read_jsonl, read_lines
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ SIDES = ("query", "positive", "negative")
 #: MMEB-train (VLM2Vec) columns per side: (text, image path); its texts mark the image with ``<|image_1|>``.
 MMEB = (("qry", "qry_image_path"), ("pos_text", "pos_image_path"), ("neg_text", "neg_image_path"))
 MMEB_IMAGE_MARK = "<|image_1|>"
+#: The prompt of an MMEB side with an image and a text: the text is the side's instruction ("Represent the given
+#: image with the following question: ..."), put after the image in E5-V's image prompt.
+MMEB_PROMPT = "<image>\n<sent>\nSummary above image in one word: "
+#: The keys of a JSONL side object.
+SIDE_KEYS = ("text", "image", "prompt")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ def _side(text, image, prompt, where: str, folder: str) -> str | Side | None:
             raise InputError(where, "a prompt but neither text nor image")
         return None
     if prompt is not None:
+        try:
+            check_prompt(prompt)
+        except ConfigError as err:
+            raise InputError(where, str(err)) from None
         for mark, present, what in ((prompts.SENT, text is not None, "text"),
                                     (prompts.IMAGE, image is not None, "image")):
             if (mark in prompt) != present:
@@ -92,7 +103,8 @@ def _side(text, image, prompt, where: str, folder: str) -> str | Side | None:
                 f"{where} ({image})" if image is not None else where)
 
 
-def _row_to_triplet(row: dict, where: str, folder: str) -> Triplet | None:
+def _row_to_triplet(row: dict, where: str, folder: str, unknown: dict) -> Triplet | None:
+    """``unknown``: side keys that are not :data:`SIDE_KEYS` -> (count, first place), filled for one warning each."""
     try:
         if any(k in row for k in SIDES):
             sides = []
@@ -101,15 +113,19 @@ def _row_to_triplet(row: dict, where: str, folder: str) -> Triplet | None:
                 if obj is not None and not isinstance(obj, dict):
                     raise InputError(f"{where} {key}", f"expected an object with text/image, got {type(obj).__name__}")
                 obj = obj or {}
+                for k in obj.keys() - set(SIDE_KEYS):
+                    count, first = unknown.get(k, (0, f"{where} {key}"))
+                    unknown[k] = (count + 1, first)
                 sides.append(_side(obj.get("text"), obj.get("image"), obj.get("prompt"), f"{where} {key}", folder))
             keys = SIDES
         elif any(k in row for k in MMEB[0]):
             sides = []
             for key, (tk, ik) in zip(SIDES, MMEB):
-                text = row.get(tk)
+                text, image = row.get(tk), row.get(ik)
                 if isinstance(text, str):
                     text = text.replace(MMEB_IMAGE_MARK, "").strip()
-                sides.append(_side(text, row.get(ik), None, f"{where} {key}", folder))
+                both = isinstance(text, str) and text and isinstance(image, str) and image
+                sides.append(_side(text, image, MMEB_PROMPT if both else None, f"{where} {key}", folder))
             keys = tuple("/".join(c) for c in MMEB[:2])
         else:
             sides = []
@@ -128,12 +144,13 @@ def _row_to_triplet(row: dict, where: str, folder: str) -> Triplet | None:
     return Triplet(*sides)
 
 
-def read_triplets(path) -> list[Triplet]:
+def read_triplets(path, image_root: str = "") -> list[Triplet]:
     """Triplets from ``.csv`` (header with sent0, sent1 and optionally hard_neg), ``.jsonl`` or ``.parquet``; or
-    records with image sides (module docstring)."""
+    records with image sides (module docstring). Relative image paths are relative to ``image_root``, by default
+    the data file's folder."""
     p = os.fsdecode(path)
     low = p.lower()
-    folder = os.path.dirname(os.path.abspath(p))
+    folder = os.path.abspath(image_root) if image_root else os.path.dirname(os.path.abspath(p))
     rows: list[tuple[dict, str]] = []
     wanted = "sent0 and sent1 (or the MMEB columns qry, pos_text, pos_image_path ...)"
 
@@ -162,7 +179,11 @@ def read_triplets(path) -> list[Triplet]:
         rows = [(r, f"{p}:row {i}") for i, r in enumerate(table.to_pylist())]
     else:
         raise InputError(p, "training data must be .csv, .jsonl or .parquet")
-    out = [t for t in (_row_to_triplet(r, w, folder) for r, w in rows) if t is not None]
+    unknown: dict[str, tuple[int, str]] = {}
+    out = [t for t in (_row_to_triplet(r, w, folder, unknown) for r, w in rows) if t is not None]
+    for key, (count, first) in sorted(unknown.items()):
+        log.warning("%s: %d side(s) have the unknown key %r, ignored (first: %s); a side's keys are %s", p, count,
+                    key, first, ", ".join(SIDE_KEYS))
     if not out:
         raise InputError(p, "no usable triplet (every row lacks an anchor or a positive)")
     if len(out) < len(rows):

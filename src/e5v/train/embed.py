@@ -6,8 +6,10 @@ and tokenisation; images decoded under the engine's limits and tiled by the back
 the backbone (left padding, masked), run through :meth:`Backbone.forward` (the LoRA-wrapped language model alone
 for text-only data, the whole multimodal model when the data has images), and pooled by the engine's
 :func:`~e5v.batching.pool_last`. So the trained model is used at inference exactly as it was trained (tests:
-training's vectors equal ``E5V.encode_text``'s and ``E5V.encode``'s). A row with a side the engine rejects (a
-corrupt image, say) is dropped from its step with a warning that names it and the reason.
+training's vectors equal ``E5V.encode_text``'s and ``E5V.encode``'s). The image settings (pixel limits, alpha) are
+the engine's, through its own :meth:`E5V.preparer <e5v.encoder.E5V.preparer>`. A bad run prompt is a
+:class:`ConfigError` at once; a row with an anchor or positive the engine rejects (a corrupt image, say) is
+dropped from its step with a warning that names it and the reason, and a rejected hard negative drops only itself.
 
 The one other way, ``official_quirks``, lives apart in :mod:`e5v.train.official`. Both modes offer the same
 three calls to the trainer: :meth:`shard` (this process's rows), :meth:`inputs` (anchors, positives, negatives and
@@ -21,9 +23,11 @@ from contextlib import nullcontext
 import torch
 
 from .. import batching, prompts
+from ..config import EngineConfig
+from ..encoder import E5V
 from ..errors import ConfigError, InputError
 from ..items import Item
-from ..prepare import Preparer
+from ..prepare import check_prompt
 from .data import Side, Triplet, default_prompt, shard
 
 log = logging.getLogger(__name__)
@@ -38,18 +42,26 @@ class EngineSentences:
     """The default mode: the engine's preparation, collation, forward and pooling (see the module docstring).
 
     ``multimodal``: the backbone holds the whole model, and chunks run through it (:meth:`Backbone.forward`
-    without ``language_model``), images or not."""
+    without ``language_model``), images or not. ``images``: the engine's ``max_pixels`` and ``alpha`` (the
+    resolution options act on the backbone itself, see :func:`e5v.train.trainer.training_backbone`)."""
 
     def __init__(self, backbone, *, prompt: str = "", cutoff_len: int = 32, max_length: int,
-                 multimodal: bool = False):
+                 multimodal: bool = False, images: EngineConfig | None = None):
         self.backbone = backbone
         self.prompt = prompt or prompts.TEXT
-        if prompts.SENT not in self.prompt:
-            raise ConfigError(f"the training prompt must contain {prompts.SENT}: {self.prompt!r}")
+        check_prompt(self.prompt)
+        if prompts.SENT not in self.prompt or prompts.IMAGE in self.prompt:
+            raise ConfigError(f"the training prompt is the text sides' one: it must contain {prompts.SENT} and no "
+                              f"{prompts.IMAGE} (image sides take E5-V's image or composed prompt, or a side's "
+                              f"own prompt): {self.prompt!r}")
         self.cutoff_len = int(cutoff_len)
         self.multimodal = multimodal
-        self.preparer = Preparer(backbone, max_length, {})
+        images = images or EngineConfig()
+        self.preparer = E5V(backbone, max_length=max_length, max_pixels=images.max_pixels,
+                            alpha=images.alpha).preparer()
         self.lockstep: VisionInLockstep | None = None
+        self.left_out: list[InputError] = []  # the rows :meth:`inputs` left out last, with their reasons
+        self.negatives_left_out = 0  # ... and the hard negatives it dropped alone
 
     def cut(self, sentence: str) -> str:
         tok = self.backbone.tokenizer
@@ -72,18 +84,26 @@ class EngineSentences:
         return shard(rows, rank, size)
 
     def inputs(self, rows: list[Triplet]):
-        """(anchors, positives, hard negatives, chunk plan): None lets GradCache plan the chunks. A row with a
-        side the engine rejects is left out (a warning names it and the reason): one anchor per row kept."""
+        """(anchors, positives, hard negatives, chunk plan): None lets GradCache plan the chunks. A row whose
+        anchor or positive the engine rejects is left out (a warning names it and the reason; :attr:`left_out`);
+        a rejected hard negative is dropped alone, the pair stays (a warning says so)."""
         fields: tuple[list, list, list] = ([], [], [])
+        self.left_out, self.negatives_left_out = [], 0
         for t in rows:
             try:
-                feats = [self.prepare_side(s) if s is not None else None for s in (t.anchor, t.positive, t.negative)]
+                pair = [self.prepare_side(t.anchor), self.prepare_side(t.positive)]
             except InputError as err:
                 log.warning("training row left out of its step: %s", err)
+                self.left_out.append(err)
                 continue
-            for f, x in zip(fields, feats):
-                if x is not None:
-                    f.append(x)
+            fields[0].append(pair[0])
+            fields[1].append(pair[1])
+            if t.negative is not None:
+                try:
+                    fields[2].append(self.prepare_side(t.negative))
+                except InputError as err:
+                    log.warning("hard negative left out of its step, the pair stays: %s", err)
+                    self.negatives_left_out += 1
         return (*fields, None)
 
     def encoder(self, runner, device: torch.device, autocast=None):
@@ -176,4 +196,4 @@ def make_sentences(cfg, backbone, max_length: int, multimodal: bool = False):
         return OfficialQuirks(backbone, prompt=cfg.prompt, cutoff_len=cfg.cutoff_len,
                               group_size=-(-cfg.batch_size // cfg.official_world_size))
     return EngineSentences(backbone, prompt=cfg.prompt, cutoff_len=cfg.cutoff_len, max_length=max_length,
-                           multimodal=multimodal)
+                           multimodal=multimodal, images=cfg.engine_config())

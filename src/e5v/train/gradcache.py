@@ -11,8 +11,11 @@ Step 3 gives, summed over chunks, exactly the parameter gradient of the loss in 
 (LoRA dropout) of each chunk is recorded in pass 1 and replayed in pass 3, so both passes see the same
 masks. When the whole local batch fits in one chunk, the plain path runs (one forward, one backward).
 
-Chunks can be formed from sequences sorted by length (``sort_by_length``): less padding, same result; or be given
-(``plan``: the official layout's padded groups, see :mod:`e5v.train.official`).
+Chunks hold at most ``chunk_size`` sequences and ``chunk_tokens`` padded tokens (sequences x the longest; a longer
+sequence runs alone), so that the memory of a chunk of images (thousands of tokens each) is bounded as that of a
+chunk of texts. They can be formed from sequences sorted by length (``sort_by_length``, the engine's batch
+planning): less padding, same result; or be given (``plan``: the official layout's padded groups, see
+:mod:`e5v.train.official`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .. import batching
 from .loss import global_info_nce
 
 Encode = Callable[[list], torch.Tensor]  # a chunk of prepared sequences -> their embeddings (n, d)
@@ -46,19 +50,29 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def plan_chunks(lengths: list[int], chunk_size: int, sort_by_length: bool) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda k: -lengths[k]) if sort_by_length else list(range(len(lengths)))
-    return [order[i:i + chunk_size] for i in range(0, len(order), chunk_size)]
-
-
-def count_chunks(sequences: int, chunk_size: int, plan: list[list[int]] | None = None) -> int:
-    """How many chunks :func:`contrastive_step` runs for ``sequences`` (before ``min_chunks``)."""
-    return len(plan) if plan is not None else -(-sequences // max(1, int(chunk_size)))
+def plan_chunks(lengths: list[int], chunk_size: int, sort_by_length: bool,
+                chunk_tokens: int | None = None) -> list[list[int]]:
+    """Index lists of the chunks: at most ``chunk_size`` sequences and ``chunk_tokens`` padded tokens each (None: no
+    token limit); longest first with ``sort_by_length`` (the engine's :func:`~e5v.batching.plan_batches`), else in
+    the given order."""
+    size, tokens = max(1, int(chunk_size)), int(chunk_tokens) if chunk_tokens else 1 << 62
+    if sort_by_length:
+        return batching.plan_batches(lengths, max_tokens=tokens, max_size=size)
+    chunks: list[list[int]] = []
+    longest = 0
+    for k, n in enumerate(lengths):
+        if chunks and len(chunks[-1]) < size and (len(chunks[-1]) + 1) * max(longest, n) <= tokens:
+            chunks[-1].append(k)
+            longest = max(longest, n)
+        else:
+            chunks.append([k])
+            longest = n
+    return chunks
 
 
 def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: list, *, temperature: float = 0.05,
-                     chunk_size: int = 72, sort_by_length: bool = True, device: torch.device = CPU,
-                     backward: Callable[[torch.Tensor, bool], None] | None = None,
+                     chunk_size: int = 72, sort_by_length: bool = True, chunk_tokens: int | None = None,
+                     device: torch.device = CPU, backward: Callable[[torch.Tensor, bool], None] | None = None,
                      plan: list[list[int]] | None = None, filler: list | None = None,
                      min_chunks: int = 0) -> StepResult:
     """Forward and backward of the InfoNCE loss for this process's shard of the global batch.
@@ -67,7 +81,8 @@ def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: 
     gradients accumulate in the parameters (sum them over processes afterwards). ``backward(tensor, last)``
     back-propagates one chunk's tensor (``last``: the step's final backward): a parallel strategy's hook (loss
     scaling, DeepSpeed's engine, FSDP's gradient sync); default ``tensor.backward()``. ``plan``: the chunks as
-    index lists into ``anchors + positives + negatives`` (default: ``chunk_size`` sequences, sorted by length).
+    index lists into ``anchors + positives + negatives`` (default: :func:`plan_chunks` with ``chunk_size``,
+    ``sort_by_length`` and ``chunk_tokens``).
     ``filler``: a chunk to run with weight 0 when this process has fewer chunks than ``min_chunks`` (an empty
     shard: a last batch shorter than the process count, or rows left out), so that it takes part in every
     collective exactly as the others do. ``min_chunks``: the most chunks any process runs in this step, for
@@ -77,8 +92,8 @@ def contrastive_step(encode: Encode, anchors: list, positives: list, negatives: 
     backward = backward or (lambda t, last: t.backward())
     seqs = anchors + positives + negatives
     na, npos = len(anchors), len(positives)
-    chunks: list = plan if plan is not None else plan_chunks([len(s) for s in seqs], max(1, int(chunk_size)),
-                                                             sort_by_length)
+    chunks: list = plan if plan is not None else plan_chunks([len(s) for s in seqs], chunk_size, sort_by_length,
+                                                             chunk_tokens)
     padded = sum(len(c) * max(len(seqs[k]) for k in c) for c in chunks)
     fill = max(int(min_chunks), 1 if not chunks else 0) - len(chunks)
     if fill > 0 and not filler:

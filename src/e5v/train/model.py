@@ -31,8 +31,12 @@ def has_bitsandbytes() -> bool:
     return True
 
 
-def wants_4bit(option, device: torch.device) -> bool:
-    """``load_in_4bit``: True, False or "auto" (QLoRA when bitsandbytes and a GPU are present)."""
+def wants_4bit(option, device: torch.device, images: bool = False) -> bool:
+    """``load_in_4bit``: True, False or "auto" (QLoRA when bitsandbytes and a GPU are present). Data with images
+    trains unquantised: 4-bit would quantise the vision tower and projector too ("auto": plain LoRA then)."""
+    if images and option in (True, "true", "yes", "1"):
+        raise ConfigError("4-bit QLoRA is for text-only data: it would quantise the vision tower and projector "
+                          "too; train data with images with --load-in-4bit false")
     if option in (True, "true", "yes", "1"):
         if device.type != "cuda":
             raise ConfigError("4-bit QLoRA needs a CUDA GPU")
@@ -43,14 +47,15 @@ def wants_4bit(option, device: torch.device) -> bool:
         return False
     if option != "auto":
         raise ConfigError(f"load_in_4bit must be true, false or auto, not {option!r}")
-    return device.type == "cuda" and has_bitsandbytes()
+    return device.type == "cuda" and has_bitsandbytes() and not images
 
 
 def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, load_in_4bit=False,
                         load_vision: bool = False, attn_implementation: str | None = None, **hub):
     """(base language model without lm_head, config of the checkpoint, the whole multimodal model or None).
     The tokenizer is the backbone's (:meth:`e5v.backbones.Backbone.for_text`). Every weight is frozen until
-    :func:`add_lora`."""
+    :func:`add_lora`. The whole model's lm_head is dropped (replaced by an identity): training pools hidden
+    states, and sharded runs would carry it unsharded."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
@@ -73,6 +78,8 @@ def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, 
     full = None
     if load_vision and multimodal:
         model = full = AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+        if isinstance(getattr(full, "lm_head", None), torch.nn.Module):
+            full.lm_head = torch.nn.Identity()  # tied to the embeddings or not: the embeddings stay
         lm = model.model.get_decoder()  # language_model, or Idefics3's text_model
     else:
         text_config = config.text_config if multimodal else config
@@ -161,10 +168,15 @@ def set_checkpointing(lm, on: bool) -> None:
         (lm.activation_checkpointing_disable if new else lm.gradient_checkpointing_disable)()
 
 
+def tower_blocks(tower: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(name in ``tower``, the blocks): the vision tower's transformer blocks, its first module list."""
+    return next((n, m) for n, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList))
+
+
 def used_tower_linears(tower: torch.nn.Module, config) -> list[str]:
     """The linear layers of the tower's blocks whose output the model uses: LLaVA takes the features of layer
     ``vision_feature_layer`` (-2 in LLaVA-NeXT: the last block is never run into the LM), Qwen all blocks."""
-    name, blocks = next((n, m) for n, m in tower.named_modules() if isinstance(m, torch.nn.ModuleList))
+    name, blocks = tower_blocks(tower)
     used = len(blocks)
     feature = getattr(config, "vision_feature_layer", None)
     if feature is not None:  # hidden state k is the output of the first k blocks (0: the embeddings)
@@ -179,9 +191,10 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
              vision_lora: bool = False) -> LoraModel:
     """LoRA on the language model's linear layers named in ``targets`` (E5-V: all seven of every layer).
 
-    ``full``: the whole multimodal model (data with images): the encoder runs its base model; the projector's
+    ``full``: the whole multimodal model (data with images): the encoder runs its base model; the projectors'
     weights train with ``train_projector``, LoRA (same r, alpha, dropout) on every linear layer of the vision
-    tower with ``vision_lora``; the rest stays frozen."""
+    tower with ``vision_lora``; the rest stays frozen. Trainable weights are fp32 (peft keeps the LM's LoRA in
+    fp32; the vision ones are cast to it) under a bf16/fp16 base run with autocast, as fp16 loss scaling needs."""
     from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
     if gradient_checkpointing:
@@ -194,7 +207,7 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
         raise ConfigError(f"no LoRA target matched {list(targets)} in {type(lm).__name__}")
     model = LoraModel(peft, lm, mm=full.model if full is not None else None, vision_scale=alpha / r)
     if full is not None and (train_projector or vision_lora):
-        tower_name, projector_name = vision_modules(model.mm)
+        tower_name, projectors = vision_modules(model.mm)
         vision = []
         if vision_lora:
             tower = model.mm.get_submodule(tower_name)
@@ -203,9 +216,10 @@ def add_lora(lm, *, r: int = 64, alpha: int = 16, dropout: float = 0.05,
             vision += [f"{tower_name}.{n}" for n, _ in tower.named_parameters() if "lora_" in n]
             tower.train()  # LoRA dropout (the frozen tower has none of its own: CLIP's and Qwen's are 0)
         if train_projector:
-            vision += [f"{projector_name}.{n}" for n, _ in model.mm.get_submodule(projector_name).named_parameters()]
+            vision += [f"{name}.{n}" for name in projectors for n, _ in model.mm.get_submodule(name).named_parameters()]
         model.vision = tuple(vision)
         for p in model.trainable:
+            p.data = p.data.float()
             p.requires_grad_(True)
     elif train_projector or vision_lora:
         raise ConfigError("train_projector and vision_lora train the vision side: they need data with images")

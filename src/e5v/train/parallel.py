@@ -13,8 +13,9 @@ backward tensor is multiplied by the world size there.
   accumulation 1, clipping, bf16/fp16). All chunks of a step are one accumulation window
   (``set_gradient_accumulation_boundary``): ZeRO reduces once, and ``engine.step`` runs once per global batch.
   Checkpoints: the engine's own (optimizer partitions, schedule), without the frozen base weights.
-- :class:`FSDP`: torch's ``fully_shard`` (FSDP2) on every decoder layer and the language model; gradient sync
-  only on the last chunk; checkpoints hold the full optimizer state (any world size can resume).
+- :class:`FSDP`: torch's ``fully_shard`` (FSDP2) on every decoder layer (with images: every vision tower block
+  too) and the language model; gradient sync only on the last chunk; checkpoints hold the full optimizer state (any
+  world size can resume).
 
 DeepSpeed and FSDP gather parameters and reduce gradients inside the forward and backward passes, so every process
 must run the same modules the same number of times (``lockstep``): each process runs as many GradCache chunks as
@@ -32,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import vision_modules
 from ..errors import ConfigError
 from .loss import all_reduce_grads
+from .model import tower_blocks
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +231,9 @@ class DeepSpeed:
 
 
 class FSDP:
-    """FSDP2 (``fully_shard``) on every decoder layer and the language model (with images: the multimodal base
-    model, whose unit holds the vision side and the LM's embeddings)."""
+    """FSDP2 (``fully_shard``) on every decoder layer and the language model (with images: every block of the
+    vision tower too, and the multimodal base model, whose unit holds the rest of the vision side and the LM's
+    embeddings)."""
 
     name = "fsdp"
     lockstep = True
@@ -247,6 +251,8 @@ class FSDP:
         layers = [m for m in lm.modules() if type(m).__name__ in units]
         if not layers:
             raise ConfigError(f"FSDP: no decoder layer ({sorted(units)}) found in {type(lm).__name__}")
+        if model.mm is not None:
+            layers += list(tower_blocks(model.mm.get_submodule(vision_modules(model.mm)[0]))[1])
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(model.runner, mp_policy=mp)  # the rest of the runner (the multimodal one embeds the tokens)

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ import torch
 
 from ..adapters import VISION_FILE
 from ..backbones import select
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .config import TrainConfig
 from .data import Sampler, Triplet, data_files, first_side, has_images, parse_weights, read_triplets
 from .embed import make_sentences
-from .gradcache import contrastive_step, count_chunks
+from .gradcache import contrastive_step, plan_chunks
 from .loss import world
 from .model import add_lora, load_language_model, wants_4bit
 from .parallel import make_strategy, require_deepspeed
@@ -45,8 +44,11 @@ log = logging.getLogger(__name__)
 
 #: Settings a resumed run may change (they do not change what is computed, or only its speed/memory use).
 RESUMABLE_CHANGES = frozenset({"progress", "logging_steps", "save_steps", "save_total_limit", "tensorboard",
-                               "device", "compile", "attn_implementation", "micro_batch_size", "sort_by_length",
-                               "gradient_checkpointing", "output_dir"})
+                               "device", "compile", "attn_implementation", "micro_batch_size", "micro_batch_tokens",
+                               "sort_by_length", "gradient_checkpointing", "output_dir"})
+#: ... except with LoRA dropout: the chunks draw their dropout masks one after the other from the step's seed, so
+#: other chunks (or compiled kernels, which draw their own way) get other masks.
+DROPOUT_MASKS = frozenset({"micro_batch_size", "micro_batch_tokens", "sort_by_length", "compile"})
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -110,7 +112,8 @@ class Logger:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
         extra = (f", {record['images_per_s']:.1f} images/s" if "images_per_s" in record else "") + \
-            (f", {record['skipped']} rows left out" if record.get("skipped") else "")
+            (f", {record['skipped']} rows left out" if record.get("skipped") else "") + \
+            (f", {record['skipped_negatives']} hard negatives left out" if record.get("skipped_negatives") else "")
         log.info("step %d/%d loss %.4f lr %.3g grad-norm %.3g %.1f sentences/s (%d candidates per anchor)%s",
                  record["step"], record["total"], record["loss"], record["lr"], record["grad_norm"],
                  record["sentences_per_s"], record["candidates"], extra)
@@ -193,10 +196,7 @@ def read_checkpoint(ckpt: Path, cfg: TrainConfig, model) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    saved = json.loads((ckpt / "train_config.json").read_text())
-    defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint had its default value then
-    diff = sorted(k for k, v in cfg.to_dict().items()
-                  if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
+    diff = changed_settings(json.loads((ckpt / "train_config.json").read_text()), cfg)
     if diff:
         raise ConfigError(f"{ckpt} was written with other settings ({', '.join(diff)}); use the same settings "
                           "to resume, or another output_dir to start afresh")
@@ -207,6 +207,13 @@ def read_checkpoint(ckpt: Path, cfg: TrainConfig, model) -> dict:
     if model.vision:
         model.load_vision(load_file(str(ckpt / VISION_FILE), device=str(model.trainable[0].device)))
     return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from a checkpoint's (``saved``) and that a resumed run may not change."""
+    defaults = TrainConfig().to_dict()  # a setting newer than the checkpoint had its default value then
+    free = RESUMABLE_CHANGES - (DROPOUT_MASKS if cfg.lora_dropout > 0 else frozenset())
+    return sorted(k for k, v in cfg.to_dict().items() if k not in free and saved.get(k, defaults[k]) != v)
 
 
 def _barrier(size: int) -> None:
@@ -234,13 +241,17 @@ def check_run_length(n: int, batch_size: int, warmup: int, total: int) -> None:
                     "lower --warmup-steps or train longer", warmup, total, "0%", 100 * (total - 1) / max(1, warmup))
 
 
-def training_backbone(path: str, config, full=None, chat_format: str | None = None):
+def training_backbone(path: str, config, full=None, chat_format: str | None = None, images=None):
     """The backbone's preparation for training: texts only (no model), or with ``full`` (the whole model,
-    whose processor and image token are fixed against it as the engine's loading does) for images."""
+    whose processor and image token are fixed against it as the engine's loading does) for images, with the
+    resolution options of ``images`` (an :class:`~e5v.config.EngineConfig`) set as the engine's loading sets them."""
     family = select(config)
     if full is None:
         return family.for_text(path, chat_format=chat_format)
-    return family(full, **family.load_preprocessing(path, full), chat_format=chat_format, path=str(path))
+    backbone = family(full, **family.load_preprocessing(path, full), chat_format=chat_format, path=str(path))
+    if images is not None:
+        backbone.limit_images(images)
+    return backbone
 
 
 @dataclass
@@ -274,7 +285,7 @@ def start_run(cfg: TrainConfig) -> Run:
     dtype = resolve_train_dtype(cfg.dtype, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sources = [read_triplets(f) for f in data_files(cfg.data)]
+    sources = [read_triplets(f, cfg.image_root) for f in data_files(cfg.data)]
     triplets = [t for rows in sources for t in rows]
     sampler = Sampler([len(rows) for rows in sources], cfg.batch_size, cfg.seed,
                       parse_weights(cfg.data_weights, len(sources)), cfg.single_source_batches)
@@ -284,11 +295,12 @@ def start_run(cfg: TrainConfig) -> Run:
         raise ConfigError(f"official_quirks reproduces the text-only release, but the data has image sides or "
                           f"prompts of their own (first: {side.name}); drop --official-quirks")
 
-    quant = wants_4bit(cfg.load_in_4bit, device)
+    quant = wants_4bit(cfg.load_in_4bit, device, images)
     lm, config, full = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
                                            load_vision=cfg.load_vision or images,
                                            attn_implementation=cfg.attn_implementation or None)
-    backbone = training_backbone(cfg.model, config, full if images else None, cfg.chat_format or None)
+    backbone = training_backbone(cfg.model, config, full if images else None, cfg.chat_format or None,
+                                 cfg.engine_config())
     mode = make_sentences(cfg, backbone, getattr(lm.config, "max_position_embeddings", 0) or 1 << 30,
                           multimodal=images)
     torch.manual_seed(cfg.seed)  # the LoRA initialisation
@@ -336,47 +348,43 @@ def run_step(run: Run, step: int) -> dict:
     rows = [run.triplets[i] for i in run.sampler.indices(step)]
     local = run.mode.shard(rows, run.rank, run.size)
     anchors, positives, negatives, plan = run.mode.inputs(local)
+    left_out = getattr(run.mode, "left_out", [])  # the official mode leaves nothing out
     seqs = anchors + positives + negatives
-    counts = torch.tensor([len(local) - len(anchors), len(seqs), sum(bool(getattr(f, "images", None)) for f in seqs)],
-                          device=run.device)
-    most = torch.tensor([count_chunks(len(seqs), cfg.micro_batch_size, plan)], device=run.device)
+    if plan is None:
+        plan = plan_chunks([len(s) for s in seqs], cfg.micro_batch_size, cfg.sort_by_length, cfg.micro_batch_tokens)
+    counts = torch.tensor([len(local) - len(anchors), getattr(run.mode, "negatives_left_out", 0), len(seqs),
+                           sum(bool(getattr(f, "images", None)) for f in seqs)], device=run.device)
+    most = torch.tensor([len(plan)], device=run.device)
     if run.size > 1:
         torch.distributed.all_reduce(counts)
         if run.strategy.lockstep:
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    skipped, sentences, images = counts.tolist()
+    skipped, skipped_negatives, sentences, images = counts.tolist()
+    if sentences == 0:  # every process left every row out: the data or a setting is broken, not a few items
+        first = f" (first: {left_out[0]})" if left_out else ""
+        raise InputError(f"step {step + 1}", f"all {len(rows)} rows of the batch were left out{first}; see the "
+                                             "warnings above for each one (a wrong image folder, --image-root?)")
     lockstep = run.size > 1 and run.strategy.lockstep
     lr = run.strategy.scheduler.get_last_lr()[0]
-    if sentences == 0:  # every row of the batch was left out: no loss, no update; the schedule goes on
-        log.warning("step %d: all %d rows of the batch were left out (see the warnings above); no update",
-                    step + 1, len(rows))
-        with warnings.catch_warnings():  # torch warns of a schedule step without an optimiser step: meant here
-            warnings.simplefilter("ignore", UserWarning)
-            run.strategy.scheduler.step()
-        loss = grad_norm = float("nan")
-        res = None
-    else:
-        run.strategy.zero_grad()
-        res = contrastive_step(
-            run.encode, anchors, positives, negatives, temperature=cfg.temperature,
-            chunk_size=cfg.micro_batch_size, sort_by_length=cfg.sort_by_length, device=run.device,
-            backward=run.strategy.backward, plan=plan, min_chunks=int(most) if lockstep else 0,
-            filler=run.mode.inputs([FILLER])[0] if lockstep or not anchors else None)
-        if not math.isfinite(res.loss):
-            raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
-                                     "bfloat16/float32 or a lower learning rate")
-        try:
-            grad_norm = run.strategy.step()
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"step {step + 1}: {exc}") from None
-        loss = res.loss
+    run.strategy.zero_grad()
+    res = contrastive_step(
+        run.encode, anchors, positives, negatives, temperature=cfg.temperature, device=run.device,
+        backward=run.strategy.backward, plan=plan, min_chunks=int(most) if lockstep else 0,
+        filler=run.mode.inputs([FILLER])[0] if lockstep or not anchors else None)
+    if not math.isfinite(res.loss):
+        raise FloatingPointError(f"step {step + 1}: non-finite loss {res.loss}; try --dtype "
+                                 "bfloat16/float32 or a lower learning rate")
+    try:
+        grad_norm = run.strategy.step()
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"step {step + 1}: {exc}") from None
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
     record = {"step": step + 1, "total": run.total, "epoch": round((step + 1) / run.per_epoch, 4),
-              "loss": loss, "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
-              "candidates": res.candidates if res else 0, "chunks": res.chunks if res else 0, "seconds": seconds,
-              "skipped": skipped}
+              "loss": res.loss, "lr": lr, "grad_norm": grad_norm, "sentences_per_s": sentences / seconds,
+              "candidates": res.candidates, "chunks": res.chunks, "seconds": seconds, "skipped": skipped,
+              "skipped_negatives": skipped_negatives}
     if run.model.mm is not None:
         record["images_per_s"] = images / seconds
     source = run.sampler.source_of(step)
@@ -391,7 +399,7 @@ def train(cfg: TrainConfig) -> Path:
     logger = Logger(run.out, run.start, enabled=run.rank == 0, tensorboard=cfg.tensorboard)
     if run.rank == 0:
         chunks = f"padded groups of {run.mode.group_size} triplets (the official layout)" if cfg.official_quirks \
-            else f"{cfg.micro_batch_size} sequences per forward pass"
+            else f"at most {cfg.micro_batch_size} sequences and {cfg.micro_batch_tokens} padded tokens per forward pass"
         log.info("%d pairs, %d steps per epoch, %d steps (from step %d); global batch %d triplets on %d "
                  "process(es) (%s), %s", len(run.triplets), run.per_epoch, run.total, run.start, cfg.batch_size,
                  run.size, run.strategy.name, chunks)
