@@ -210,8 +210,14 @@ def _checkpoint(tmp_path, config: dict):
     {"model_type": "internvl_chat"},
 ], ids=["phi3-v", "auto_map", "unknown-model-type"])
 def test_checkpoints_that_need_remote_code_are_refused(tmp_path, config):
+    """By the engine and by training alike."""
+    from e5v.train.model import load_language_model
+
+    path = _checkpoint(tmp_path, config)
     with pytest.raises(ModelLoadError, match="needs remote code.*e5v does not run"):
-        E5V.from_pretrained(_checkpoint(tmp_path, config), device="cpu")
+        E5V.from_pretrained(path, device="cpu")
+    with pytest.raises(ModelLoadError, match="needs remote code.*e5v does not run"):
+        load_language_model(path, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def test_phi4_multimodal_is_refused_with_its_reason(tmp_path):

@@ -33,16 +33,20 @@ def select(config) -> type[Backbone]:
     raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
 
 
-def refuse_remote_code(name_or_path: str, config: dict) -> None:
-    """A checkpoint whose ``config.json`` asks for its own Python code (``auto_map``) or names a ``model_type``
-    that transformers does not know (Phi-3-V, Phi-3.5-V, original InternVL) runs only with ``trust_remote_code``."""
+def load_config(name_or_path: str, **hub):
+    """The checkpoint's transformers config. A ``config.json`` that asks for the checkpoint's own Python code
+    (``auto_map``) or names a ``model_type`` transformers does not know (Phi-3-V, Phi-3.5-V, original InternVL)
+    would run only with ``trust_remote_code``: refused, with that reason."""
+    from transformers import AutoConfig, PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    model_type = config.get("model_type")
-    if config.get("auto_map") or (model_type and model_type not in CONFIG_MAPPING):
+    raw = PretrainedConfig.get_config_dict(name_or_path, **hub)[0]
+    model_type = raw.get("model_type")
+    if raw.get("auto_map") or (model_type and model_type not in CONFIG_MAPPING):
         raise ModelLoadError(f"{name_or_path}: model_type {model_type!r} needs remote code (the checkpoint's own "
                              "Python files, trust_remote_code), which e5v does not run; use a version of the "
                              "checkpoint that transformers runs natively")
+    return AutoConfig.from_pretrained(name_or_path, **hub)
 
 
 def load_backbone(cfg: EngineConfig) -> Backbone:
@@ -55,8 +59,6 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     same as a pixel budget: images resized to at most that many pixels, or as many whole grid tiles
     (:meth:`Backbone.limit_pixels`). Both only lower the checkpoint's own budget.
     """
-    from transformers import AutoConfig, PretrainedConfig
-
     if not cfg.model:
         raise ConfigError("no model: give a hub id or a checkpoint directory")
     name_or_path = cfg.model
@@ -66,8 +68,7 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     if not local and (os.path.exists(name_or_path) or name_or_path.startswith(("/", ".", "~"))):
         raise ModelLoadError(f"{name_or_path}: no such checkpoint directory")
     try:
-        refuse_remote_code(name_or_path, PretrainedConfig.get_config_dict(name_or_path, **hub)[0])
-        model_config = AutoConfig.from_pretrained(name_or_path, **hub)
+        model_config = load_config(name_or_path, **hub)
     except (OSError, ValueError) as exc:
         where = "the directory" if local else "the Hugging Face hub (not a local directory; offline?)"
         raise ModelLoadError(f"cannot load a model config for {name_or_path!r} from {where}: {exc}") from exc
@@ -85,4 +86,4 @@ def load_backbone(cfg: EngineConfig) -> Backbone:
     return backbone
 
 
-__all__ = ["Backbone", "Features", "load_backbone", "register", "select"]
+__all__ = ["Backbone", "Features", "load_backbone", "load_config", "register", "select"]

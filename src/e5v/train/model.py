@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import CausalLMView, vision_modules
+from ..backbones import load_config
 from ..errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,11 @@ def load_language_model(path: str, *, dtype: torch.dtype, device: torch.device, 
     The tokenizer is the backbone's (:meth:`e5v.backbones.Backbone.for_text`). Every weight is frozen until
     :func:`add_lora`. The whole model's lm_head is dropped (replaced by an identity): training pools hidden
     states, and sharded runs would carry it unsharded."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+    from transformers import AutoModel, AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
 
     try:
-        config = AutoConfig.from_pretrained(path, **hub)
+        config = load_config(path, **hub)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the config of {path!r}: {exc}") from exc
     kwargs: dict = dict(dtype=dtype, **hub)
