@@ -123,6 +123,21 @@ def test_gemma3_is_refused_in_float16_and_with_flash_attention(tiny_dirs):
             E5V.from_pretrained(path, device="cpu", dtype="float32", attn_implementation=impl)
 
 
+def test_gemma3_training_is_refused_in_float16_and_with_flash_attention(tiny_dirs, tmp_path):
+    """Training loads Gemma 3 through its own path (the language model alone): the same refusals apply."""
+    from support.training import triplet, write_csv
+
+    from e5v.train import make_config, train
+
+    data = write_csv(tmp_path / "nli.csv", [triplet(i) for i in range(4)])
+    common = dict(model=str(tiny_dirs["gemma3"]), data=str(data), output_dir=str(tmp_path / "run"), batch_size=4,
+                  max_steps=1, device="cpu", progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match="Gemma 3 overflows in float16"):
+        train(make_config(dtype="float16", **common))
+    with pytest.raises(ConfigError, match="flash_attention_2.*bidirectional"):
+        train(make_config(dtype="float32", attn_implementation="flash_attention_2", **common))
+
+
 def test_gemma3_renders_the_processors_chat_template(tiny_dirs, engines, tmp_path):
     """As google/gemma-3-*-it ship it: the processor's template in chat_template.json, the tokenizer config with a
     template of its own; the processor's is the one rendered."""

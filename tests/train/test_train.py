@@ -227,8 +227,9 @@ def test_chunks_by_sequences_and_padded_tokens():
 
 
 def test_the_default_token_budget_keeps_the_official_text_chunks():
-    """E5-V's sentences (cut to 32 tokens, the text prompt in the Llama-3 chat format, the real Llama-3 tokenizer)
-    take at most 57 tokens: the default micro_batch_tokens leaves the official 72-sequence chunks whole."""
+    """E5-V's sentences cut to 32 tokens in the text prompt and the Llama-3 chat format (here with the benchmark's
+    offline stand-in tokenizer, which tokenises no coarser than the real one) take at most 57 tokens: the default
+    micro_batch_tokens leaves the official 72-sequence chunks whole."""
     from e5v.bench.model import build_backbone, build_config
     from e5v.train.embed import EngineSentences
     from e5v.train.gradcache import plan_chunks

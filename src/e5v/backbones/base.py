@@ -91,6 +91,7 @@ class Backbone:
         """Load model and pre-processing from a local directory or hub id. Subclasses fill :meth:`_load_parts`."""
         from transformers import AutoModelForImageTextToText
 
+        cls.check_load(dtype, attn_implementation)
         kwargs = dict(dtype=dtype, **hub_kwargs)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -101,6 +102,11 @@ class Backbone:
         model.requires_grad_(False)
         parts = cls.load_preprocessing(path, model, **hub_kwargs)
         return cls(model, **parts, chat_format=chat_format, path=str(path))
+
+    @classmethod
+    def check_load(cls, dtype: torch.dtype, attn_implementation: str | None) -> None:
+        """Refuse a compute dtype or attention implementation under which the family's vectors would be wrong
+        (:class:`ConfigError`, before anything is loaded); the engine's loading and training both ask."""
 
     @classmethod
     def for_text(cls, path: str, *, chat_format: str | None = None, **hub_kwargs) -> "Backbone":

@@ -28,16 +28,13 @@ class Gemma3Backbone(ProcessorBackbone):
     supports_packing = False
 
     @classmethod
-    def from_checkpoint(cls, path: str, config, *, dtype, device, chat_format: str | None = None,
-                        attn_implementation: str | None = None, **hub_kwargs) -> "Gemma3Backbone":
+    def check_load(cls, dtype, attn_implementation) -> None:
         if dtype == torch.float16:
             raise ConfigError("Gemma 3 overflows in float16: use --dtype bfloat16 (or float32)")
         if attn_implementation and "flash" in attn_implementation:
             raise ConfigError(f"Gemma 3 cannot run with {attn_implementation}: FlashAttention drops the bidirectional "
                               "attention among an image's soft tokens (the vectors would be wrong); use sdpa or "
                               "eager")
-        return super().from_checkpoint(path, config, dtype=dtype, device=device, chat_format=chat_format,
-                                       attn_implementation=attn_implementation, **hub_kwargs)
 
     def collate(self, items):
         batch = super().collate(items)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..adapters import VISION_FILE
-from ..backbones import select
+from ..backbones import load_config, select
 from ..errors import ConfigError, InputError
 from .config import TrainConfig
 from .data import Sampler, Triplet, data_files, first_side, has_images, parse_weights, read_triplets
@@ -296,6 +296,7 @@ def start_run(cfg: TrainConfig) -> Run:
                           f"prompts of their own (first: {side.name}); drop --official-quirks")
 
     quant = wants_4bit(cfg.load_in_4bit, device, images)
+    select(load_config(cfg.model)).check_load(dtype, cfg.attn_implementation or None)
     lm, config, full = load_language_model(cfg.model, dtype=dtype, device=device, load_in_4bit=quant,
                                            load_vision=cfg.load_vision or images,
                                            attn_implementation=cfg.attn_implementation or None)
