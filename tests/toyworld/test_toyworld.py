@@ -259,7 +259,7 @@ def test_claim2_measures_real_and_shuffled_stage_c_and_resumes(tmp_path, monkeyp
     rows = summary["galleries"]["0"]
     assert list(rows) == ["before", "real", "shuffled"] and list(summary["loss"]) == ["real", "shuffled"]
     assert rows["real"]["t2t_r1"]["runs"] and rows["real"]["match_cos"] != rows["before"]["match_cos"]
-    assert "| 0 | shuffled |" in (tmp_path / "claim2.md").read_text()
+    assert "| 0 | shuffled |" in (tmp_path / "claim2_seeds=0_galleries=0.md").read_text()
     (tmp_path / "runs" / "shuffled-s0" / "figures.json").unlink()
     monkeypatch.setattr(recipe, "stage_c", lambda *a, **k: pytest.fail("trained again"))
     assert claim2.run(tmp_path, MINI, [0], [0], setup, scenes=8) == summary

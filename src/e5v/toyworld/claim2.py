@@ -8,8 +8,9 @@ several seeds on the real toy NLI triplets and on the shuffled control, each eva
   same sentences, with no meaning in the pairs. If the shuffled runs gain as much, the gain is not meaning.
 - Every run gets ``measure.evaluate`` and ``measure.geometry`` on every gallery.
 - Resumable (:mod:`.experiment`): each run's stage-C report and figures are written atomically
-  (``OUT/runs/NAME/stage-c.json``, ``figures.json``) when complete; a rerun (after kill -9 too) skips what is
-  done and redoes unfinished steps.
+  (``OUT/runs/NAME/stage-c.json``, ``figures.json``) when complete, with the settings they depend on; a rerun
+  (after kill -9 too) skips what is done and redoes unfinished steps, and refuses runs made with other settings.
+  Seeds or galleries other than the defaults write ``OUT/claim2_seeds=...`` (:func:`experiment.label`).
 """
 from __future__ import annotations
 
@@ -24,11 +25,7 @@ from . import experiment, measure, recipe
 COLUMNS = ("t2i_r1_plain", "i2t_r1_plain", "composed_r1", "t2i_r1_rich", "t2t_r1", "gap_plain",
            "text_mean_cos", "image_mean_cos", "text_eff_dim", "text_norm", "match_cos", "other_cos",
            "t2i_r1_centred", "i2t_r1_centred")
-
-
-def figures(engine, galleries: dict) -> dict:
-    """``evaluate`` and ``geometry`` of one model on each gallery, keyed by the gallery's seed."""
-    return {str(seed): {**measure.evaluate(engine, g), **measure.geometry(engine, g)} for seed, g in galleries.items()}
+SEEDS, GALLERIES = (0, 1, 2, 3, 4), (0, 7, 23)
 
 
 def run(out: Path, base: Path, seeds, gallery_seeds, setup: recipe.Recipe | None = None, scenes: int = 200,
@@ -41,14 +38,19 @@ def run(out: Path, base: Path, seeds, gallery_seeds, setup: recipe.Recipe | None
     ``train_only``: train the adapters and stop (the figures come from a later run)."""
     setup, trains_from = setup or recipe.Recipe(), Path(train_base or base)
 
-    def fit(name: str, work: Path) -> dict:
+    def settings(name: str) -> dict:
         kind, seed = experiment.kind_of(name)
-        settings = replace(setup, c_seed=seed, c_shuffle=kind == "shuffled")
-        return {"recipe": asdict(settings), "trained_from": str(trains_from),
-                **recipe.stage_c(settings, trains_from, work)}
+        return {"recipe": asdict(replace(setup, c_seed=seed, c_shuffle=kind == "shuffled"))}
+
+    def fit(name: str, work: Path, wanted: dict) -> dict:
+        return recipe.stage_c(recipe.Recipe(**wanted["recipe"]), trains_from, work)
 
     names = ["before"] + [f"{kind}-s{s}" for s in seeds for kind in ("real", "shuffled")]
-    return experiment.run(out, base, names, fit, figures, table, gallery_seeds, "claim2", scenes, train_only)
+    return experiment.run(out, base, names, settings=settings, fit=fit, measures=(measure.evaluate, measure.geometry),
+                          markdown=table, gallery_seeds=gallery_seeds, stem="claim2",
+                          selection={"seeds": list(seeds), "galleries": list(gallery_seeds)},
+                          default={"seeds": list(SEEDS), "galleries": list(GALLERIES)}, scenes=scenes,
+                          train_base=trains_from, train_only=train_only)
 
 
 def table(summary: dict) -> str:
@@ -63,8 +65,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m e5v.toyworld.claim2", description=main.__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--base", type=Path, default=toyworld.MINI_BEFORE_C, help="the model before stage C")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="stage-C seeds")
-    parser.add_argument("--galleries", type=int, nargs="+", default=[0, 7, 23], help="gallery seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="stage-C seeds")
+    parser.add_argument("--galleries", type=int, nargs="+", default=list(GALLERIES), help="gallery seeds")
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--train-base", type=Path, help="train stage C on this model's language model (default: "
                                                         "--base; the stage-A checkpoint has the same one)")
@@ -75,8 +77,11 @@ def main(argv=None) -> None:
     setup = recipe.Recipe()
     for kv in args.set:
         setup = recipe.setting(setup, kv)
-    summary = run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.train_base,
-                  args.train_only)
+    try:
+        summary = run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.train_base,
+                      args.train_only)
+    except ValueError as e:                         # settings that differ from stored runs'
+        parser.exit(2, f"{parser.prog}: {e}\n")
     if summary:
         print(table(summary), end="")
 

@@ -90,6 +90,15 @@ def evaluate(engine, g: Gallery, *, prompted: bool = True) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def queries(g: Gallery) -> dict:
+    """How many queries each recall figure of :func:`evaluate` and :func:`geometry` averages over on ``g``: one
+    query's worth of recall is 100 / that many points."""
+    n = len(g.scenes)
+    return {**{f: n for f in ("t2i_r1_plain", "i2t_r1_plain", "t2i_r1_rich", "i2t_r1_rich", "t2t_r1",
+                              "t2i_r1_centred", "i2t_r1_centred")},
+            **({"composed_r1": len(g.composed), "composed_r5": len(g.composed)} if g.composed else {})}
+
+
 def geometry(engine, g: Gallery) -> dict:
     """How the prompted plain-caption and image embeddings lie: what stage C may change besides meaning.
 

@@ -16,8 +16,9 @@ triplets' anchors. Pictures take the E5-V image prompt, composed queries and the
 that ``measure.evaluate`` scores composed retrieval with.
 
 ``python -m e5v.toyworld.modalities OUT --seeds 0 1 2 --galleries 31 47`` (resumable, :mod:`.experiment`) writes
-``OUT/modalities.json`` and ``OUT/modalities.md``: mean ± sd per gallery and condition, and each condition
-against its control.
+``OUT/modalities.json`` and ``OUT/modalities.md``: mean ± sd per gallery and condition, each source against its
+control and each mixture against each of its sources. A selection other than the defaults (fewer conditions, seeds
+or galleries) writes ``OUT/modalities_conditions=...`` instead (:func:`experiment.label`).
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ from . import experiment, measure, recipe, world
 SOURCES = ("text", "pairs", "composed")
 CONDITIONS = ("text", "pairs", "composed", "text+pairs", "text+composed", "text+pairs+composed",
               "text-shuffled", "pairs-shuffled", "composed-shuffled")
+SEEDS, GALLERIES = (0, 1, 2), (31, 47)
 #: (condition, reference) pairs the summary compares: each source against its control, each mixture against
-#: its parts
-COMPARE = (("text", "text-shuffled"), ("pairs", "pairs-shuffled"), ("composed", "composed-shuffled"),
-           ("text+pairs", "text"), ("text+pairs", "pairs"), ("text+composed", "text"),
-           ("text+composed", "composed"), ("text+pairs+composed", "text"))
+#: each of its sources
+COMPARE = tuple((s, f"{s}-shuffled") for s in SOURCES) + \
+    tuple((c, s) for c in CONDITIONS if "+" in c for s in c.split("+"))
 COLUMNS = ("t2i_r1_plain", "i2t_r1_plain", "t2i_r1_rich", "composed_r1", "composed_r5", "t2t_r1", "gap_plain")
 HEADERS = {"t2i_r1_plain": "text→image R@1", "i2t_r1_plain": "image→text R@1",
            "t2i_r1_rich": "rich-words text→image R@1", "composed_r1": "composed R@1", "composed_r5": "composed R@5",
@@ -120,16 +121,12 @@ def sources_of(condition: str) -> tuple[list[str], bool]:
     return sources, shuffled
 
 
-def figures(engine, galleries: dict) -> dict:
-    """``measure.evaluate`` of one model on each gallery, keyed by the gallery's seed."""
-    return {str(seed): measure.evaluate(engine, g) for seed, g in galleries.items()}
-
-
 def markdown(summary: dict) -> str:
     """The summary's table, then the comparisons (if any)."""
     text = experiment.table(summary, COLUMNS, HEADERS)
     if summary.get("versus"):
-        text += ("\nDifferences of the means ± their standard error (bold: more than twice the error):\n\n" +
+        text += ("\nDifferences of the means ± their standard error (bold: beyond both the two-sided 95 % Welch t "
+                 "threshold and one query's worth of recall):\n\n" +
                  experiment.versus_table(summary["versus"], COLUMNS, HEADERS))
     return text
 
@@ -141,22 +138,27 @@ def run(out: Path, base: Path, seeds, gallery_seeds, setup: recipe.Recipe = SETT
     for c in conditions:
         sources_of(c)                                   # an unknown condition fails before any training
 
-    def fit(name: str, work: Path) -> dict:
+    def settings(name: str) -> dict:
         condition, seed = experiment.kind_of(name)
-        sources, shuffled = sources_of(condition)
-        files = [write(s, rows(s, setup.c_triplets, seed, shuffled), work / "data", Path(out) / "images")
-                 for s in sources]
-        mixing = {"data_weights": ",".join("1" * len(files)), "single_source_batches": single_source} \
-            if len(files) > 1 else {}
-        settings = replace(setup, c_seed=seed)
-        return {"recipe": asdict(settings), "condition": condition, "trained_from": str(base), **mixing,
-                **recipe.stage_c(settings, Path(base), work, data=",".join(map(str, files)), **mixing)}
+        n = len(sources_of(condition)[0])
+        mixing = {"data_weights": ",".join("1" * n), "single_source_batches": single_source} if n > 1 else {}
+        return {"recipe": asdict(replace(setup, c_seed=seed)), "condition": condition, **mixing}
+
+    def fit(name: str, work: Path, wanted: dict) -> dict:
+        stage, (sources, shuffled) = recipe.Recipe(**wanted["recipe"]), sources_of(wanted["condition"])
+        files = [write(s, rows(s, stage.c_triplets, stage.c_seed, shuffled), work / "data",
+                       Path(out) / f"images-r{world.RENDER}") for s in sources]
+        mixing = {k: wanted[k] for k in ("data_weights", "single_source_batches") if k in wanted}
+        return recipe.stage_c(stage, Path(base), work, data=",".join(map(str, files)), **mixing)
 
     names = ["before"] + [f"{c}-s{s}" for s in seeds for c in conditions]
     compare = [p for p in COMPARE if set(p) <= set(conditions)]
+    selection = {"conditions": list(conditions), "seeds": list(seeds), "galleries": list(gallery_seeds)}
+    default = {"conditions": list(CONDITIONS), "seeds": list(SEEDS), "galleries": list(GALLERIES)}
     with recipe.fixed_threads(setup.threads):      # measuring too: one thread is faster on a busy machine
-        return experiment.run(out, base, names, fit, figures, markdown, gallery_seeds, "modalities", scenes,
-                              compare=compare)
+        return experiment.run(out, base, names, settings=settings, fit=fit, measures=(measure.evaluate,),
+                              markdown=markdown, gallery_seeds=gallery_seeds, stem="modalities",
+                              selection=selection, default=default, scenes=scenes, compare=compare)
 
 
 def main(argv=None) -> None:
@@ -166,8 +168,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m e5v.toyworld.modalities", description=main.__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--base", type=Path, default=toyworld.MINI_BEFORE_C, help="the model before stage C")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    parser.add_argument("--galleries", type=int, nargs="+", default=[31, 47], help="gallery seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds")
+    parser.add_argument("--galleries", type=int, nargs="+", default=list(GALLERIES), help="gallery seeds")
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), metavar="CONDITION",
                         help=f"(default: all: {' '.join(CONDITIONS)})")
@@ -178,8 +180,12 @@ def main(argv=None) -> None:
     setup = SETTINGS
     for kv in args.set:
         setup = recipe.setting(setup, kv)
-    print(markdown(run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.conditions,
-                       args.single_source)), end="")
+    try:
+        summary = run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.conditions,
+                      args.single_source)
+    except ValueError as e:                         # settings that differ from stored runs', an unknown condition
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    print(markdown(summary), end="")
 
 
 if __name__ == "__main__":

@@ -435,9 +435,18 @@ def stage_c(recipe: Recipe, base: Path, work: Path, out: Path | None = None, dat
     if out is not None:
         merge(str(base), str(adapter), out, dtype="float32")
         log.info("stage C: merged into %s", out)
-    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in logs if "loss" in r]
-    return {"stage_c_loss": [losses[0], losses[-1]]}
+    losses = logged_losses(run / "log.jsonl")
+    return {"stage_c_loss": [losses[0], losses[-1]], "stage_c_final_loss": final_loss(losses)}
+
+
+def logged_losses(path: Path) -> list[float]:
+    """The training loss of every step in a training log (``log.jsonl``), in order."""
+    return [r["loss"] for r in map(json.loads, Path(path).read_text().splitlines()) if "loss" in r]
+
+
+def final_loss(losses: list[float], last: int = 5) -> float:
+    """The mean of the ``last`` steps' losses: each step's loss is one batch's, too noisy alone."""
+    return sum(losses[-last:]) / len(losses[-last:])
 
 
 def rebuild(out, recipe: Recipe | None = None, work=None, base=None) -> dict:

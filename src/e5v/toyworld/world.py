@@ -35,6 +35,9 @@ POSITIONS = {"left": (0.22, 0.5, "on the left", "on the west side"),
              "center": (0.5, 0.5, "in the center", "in the middle")}
 BACKGROUND = (40, 40, 46)
 SIZE = 64                     # pixels per side of the images the model sees
+#: the version of :func:`render`'s pictures: raise it when they change, so that experiments refuse runs trained
+#: or measured on the old ones (:mod:`.experiment`)
+RENDER = 1
 
 
 @dataclass(frozen=True)
