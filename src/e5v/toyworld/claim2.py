@@ -14,7 +14,6 @@ several seeds on the real toy NLI triplets and on the shuffled control, each eva
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -60,23 +59,13 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> None:
     """``python -m e5v.toyworld.claim2 OUT --base DIR``: measure claim 2 with the shuffled control."""
-    from .. import toyworld
-
-    parser = argparse.ArgumentParser(prog="python -m e5v.toyworld.claim2", description=main.__doc__)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--base", type=Path, default=toyworld.MINI_BEFORE_C, help="the model before stage C")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="stage-C seeds")
-    parser.add_argument("--galleries", type=int, nargs="+", default=list(GALLERIES), help="gallery seeds")
-    parser.add_argument("--scenes", type=int, default=200)
+    parser = experiment.arguments("python -m e5v.toyworld.claim2", main.__doc__, SEEDS, GALLERIES, "stage-C seeds")
     parser.add_argument("--train-base", type=Path, help="train stage C on this model's language model (default: "
                                                         "--base; the stage-A checkpoint has the same one)")
     parser.add_argument("--train-only", action="store_true", help="train the adapters, measure nothing")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a stage-C setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    setup = recipe.Recipe()
-    for kv in args.set:
-        setup = recipe.setting(setup, kv)
+    setup = experiment.settings(recipe.Recipe(), args.set)
     try:
         summary = run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.train_base,
                       args.train_only)

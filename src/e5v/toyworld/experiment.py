@@ -14,6 +14,7 @@ settings were recorded are adopted once (:func:`reconstruct`).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -280,3 +281,26 @@ def versus_table(diffs: dict, columns, headers: dict | None = None) -> str:
         text = f"{v['diff']:+.{d}f} ± {v['se']:.{d}f}"
         return f"**{text}**" if v["marked"] else text
     return grid("difference", rows, columns, headers, cell)
+
+
+# --- the commands -----------------------------------------------------------------------------------------------
+def arguments(prog: str, doc: str, seeds, galleries, seed_help: str) -> argparse.ArgumentParser:
+    """The arguments every experiment command takes: OUT, the base model, the seeds, the galleries and their size,
+    and stage-C settings (``--set KEY=VALUE``); a command adds its own."""
+    from . import MINI_BEFORE_C
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--base", type=Path, default=MINI_BEFORE_C, help="the model before stage C")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help=seed_help)
+    parser.add_argument("--galleries", type=int, nargs="+", default=list(galleries), help="gallery seeds")
+    parser.add_argument("--scenes", type=int, default=200)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a stage-C setting")
+    return parser
+
+
+def settings(setup: recipe.Recipe, changes: list[str]) -> recipe.Recipe:
+    """``setup`` with the ``--set KEY=VALUE`` changes applied."""
+    for kv in changes:
+        setup = recipe.setting(setup, kv)
+    return setup

@@ -22,7 +22,6 @@ or galleries) writes ``OUT/modalities_conditions=...`` instead (:func:`experimen
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -163,23 +162,14 @@ def run(out: Path, base: Path, seeds, gallery_seeds, setup: recipe.Recipe = SETT
 
 def main(argv=None) -> None:
     """``python -m e5v.toyworld.modalities OUT``: which training data helps across modalities, with controls."""
-    from .. import toyworld
-
-    parser = argparse.ArgumentParser(prog="python -m e5v.toyworld.modalities", description=main.__doc__)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--base", type=Path, default=toyworld.MINI_BEFORE_C, help="the model before stage C")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds")
-    parser.add_argument("--galleries", type=int, nargs="+", default=list(GALLERIES), help="gallery seeds")
-    parser.add_argument("--scenes", type=int, default=200)
+    parser = experiment.arguments("python -m e5v.toyworld.modalities", main.__doc__, SEEDS, GALLERIES,
+                                  "training seeds")
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), metavar="CONDITION",
                         help=f"(default: all: {' '.join(CONDITIONS)})")
     parser.add_argument("--single-source", action="store_true", help="each batch of a mixture from one source")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="change a stage-C setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    setup = SETTINGS
-    for kv in args.set:
-        setup = recipe.setting(setup, kv)
+    setup = experiment.settings(SETTINGS, args.set)
     try:
         summary = run(args.out, args.base, args.seeds, args.galleries, setup, args.scenes, args.conditions,
                       args.single_source)
